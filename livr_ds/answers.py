@@ -1,0 +1,58 @@
+"""Answer parsing and scoring, shared by validation during training and by evaluation.
+
+Multiple choice: only a valid letter counts. An explicit "(X)" or "answer is X" wins, then a bare
+leading letter ("A", "A.", "A)"), then an exact option text. Never "the first capital letter"
+(that reads "The answer is (B)" as T). Counting: the first integer, or a number word.
+"""
+
+from __future__ import annotations
+
+import re
+
+NUMBER_WORDS = {
+    w: i for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+
+
+def parse_choice(text: str, choices: list[str]) -> str | None:
+    """The chosen letter, or None when the text names no valid option."""
+    letters = [chr(65 + i) for i in range(len(choices))]
+    t = text.strip()
+    for pattern in (r"\(([A-Z])\)", r"answer\s*(?:is|:)?\s*:?\s*\(?([A-Z])\b"):
+        for m in re.finditer(pattern, t, flags=re.IGNORECASE if "answer" in pattern else 0):
+            if m.group(1).upper() in letters:
+                return m.group(1).upper()
+    m = re.match(r"^([A-Z])(?:[.):\s]|$)", t)
+    if m and m.group(1) in letters:
+        return m.group(1)
+    lowered = t.lower().rstrip(".")
+    for letter, choice in zip(letters, choices):
+        if lowered == str(choice).strip().lower():
+            return letter
+    return None
+
+
+def parse_count(text: str) -> int | None:
+    m = re.search(r"-?\d+", text)
+    if m:
+        return int(m.group(0))
+    for word in re.findall(r"[a-z]+", text.lower()):
+        if word in NUMBER_WORDS:
+            return NUMBER_WORDS[word]
+    return None
+
+
+def is_correct(prediction: str, answer: str, choices: list[str]) -> tuple[bool, str | None]:
+    """(correct?, parsed prediction) for one sample."""
+    if choices:
+        parsed = parse_choice(prediction, choices)
+        gold = parse_choice(answer, choices) or answer.strip("() ").upper()
+        return parsed is not None and parsed == gold, parsed
+    parsed = parse_count(prediction)
+    gold = parse_count(answer)
+    if gold is None:  # open-ended but not a number: exact match, case-insensitive
+        return prediction.strip().lower() == answer.strip().lower(), prediction.strip()
+    return parsed is not None and parsed == gold, None if parsed is None else str(parsed)

@@ -1,0 +1,144 @@
+"""From decoded samples to a model batch: template, latents, labels, segments, padding.
+
+One sequence is
+
+    [chat-templated user turn with expanded image tokens + assistant header] [K latents] [answer <eos>]
+     PROMPT / IMAGE segments                                                   LATENT      ANSWER
+
+Latents sit right after the prompt, so at inference they are simply appended to the prompt and
+the model generates the answer (latents are input, never generated). Labels are the answer
+tokens only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import segments
+from ..models import BackboneAdapter
+
+log = logging.getLogger(__name__)
+
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+OPEN_INSTRUCTION = "Answer with a single number."
+
+
+class SampleTooLong(ValueError):
+    pass
+
+
+def format_question(question: str, choices: list[str]) -> str:
+    """BLINK-style prompt: the question, then '(A) ...' lines, then the instruction."""
+    if not choices:
+        return question if OPEN_INSTRUCTION in question else f"{question}\n{OPEN_INSTRUCTION}"
+    lines = [question]
+    if "(A)" not in question:
+        lines += [f"({chr(65 + i)}) {c}" for i, c in enumerate(choices)]
+    lines.append(CHOICE_INSTRUCTION)
+    return "\n".join(lines)
+
+
+def format_answer(answer: str, choices: list[str]) -> str:
+    return f"({answer})" if choices else str(answer)
+
+
+@dataclass
+class EncodedSample:
+    key: str
+    task: str
+    input_ids: list[int]
+    segment_ids: list[int]
+    vision: dict
+    num_images: int
+    answer: str
+    choices: list[str]
+    prompt_len: int  # tokens before the answer (prompt + latents): what generation is fed
+    meta: dict = field(default_factory=dict)
+
+
+class LivrCollator:
+    """Callable on a list of samples; picklable, so it runs inside DataLoader workers."""
+
+    def __init__(self, adapter: BackboneAdapter, processor, latent_ids: list[int], max_tokens: int = 4096,
+                 too_long: str = "error", with_answer: bool = True):
+        self.adapter = adapter
+        self.processor = processor
+        self.latent_ids = list(latent_ids)
+        self.max_tokens = max_tokens
+        self.too_long = too_long
+        self.with_answer = with_answer
+        tok = processor.tokenizer
+        self.image_token_id = adapter.image_token_id(processor)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.eos_id = tok.eos_token_id
+
+    def encode(self, sample) -> EncodedSample:
+        question = format_question(sample.question, sample.choices)
+        prompt = self.adapter.encode_prompt(self.processor, question, sample.images)
+        ids = prompt.input_ids + self.latent_ids
+        seg = [segments.IMAGE if t == self.image_token_id else segments.PROMPT for t in prompt.input_ids]
+        seg += [segments.LATENT] * len(self.latent_ids)
+        prompt_len = len(ids)
+        answer = format_answer(sample.answer, sample.choices)
+        if self.with_answer:
+            answer_ids = self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
+            ids += answer_ids
+            seg += [segments.ANSWER] * len(answer_ids)
+        if len(ids) > self.max_tokens:
+            raise SampleTooLong(
+                f"sample {sample.key!r} ({sample.task}) has {len(ids)} tokens > data.max_tokens={self.max_tokens} "
+                f"({seg.count(segments.IMAGE)} image tokens); raise max_tokens, lower model.max_pixels, "
+                "or set data.too_long: skip"
+            )
+        return EncodedSample(sample.key, sample.task, ids, seg, prompt.vision, prompt.num_images,
+                             str(sample.answer), list(sample.choices), prompt_len, dict(sample.meta or {}))
+
+    def __call__(self, samples) -> dict:
+        encoded, skipped = [], 0
+        for s in samples:
+            try:
+                encoded.append(self.encode(s))
+            except SampleTooLong:
+                if self.too_long != "skip":
+                    raise
+                skipped += 1
+                log.warning("skipping too-long sample %s", s.key)
+        return self.pad(encoded, skipped=skipped)
+
+    def pad(self, encoded: list[EncodedSample], skipped: int = 0) -> dict:
+        B = len(encoded)
+        L = max((len(e.input_ids) for e in encoded), default=1)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        segment_ids = torch.full((B, L), segments.PAD, dtype=torch.long)
+        labels = torch.full((B, L), -100, dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = len(e.input_ids)
+            input_ids[i, :n] = torch.tensor(e.input_ids)
+            segment_ids[i, :n] = torch.tensor(e.segment_ids)
+            if not e.meta.get("_pad"):  # padding repeats a sample to even out ranks: no loss
+                answer = segment_ids[i] == segments.ANSWER
+                labels[i, answer] = input_ids[i, answer]
+        real = int((segment_ids != segments.PAD).sum())
+        batch = {
+            "input_ids": input_ids,
+            "segment_ids": segment_ids,
+            "doc_ids": torch.zeros_like(input_ids),
+            "labels": labels,
+            "image_counts": torch.tensor([[e.num_images] for e in encoded], dtype=torch.long).reshape(B, 1),
+            **self.adapter.collate_vision([e.vision for e in encoded]),
+            "meta": {
+                "keys": [e.key for e in encoded],
+                "tasks": [e.task for e in encoded],
+                "answers": [e.answer for e in encoded],
+                "choices": [e.choices for e in encoded],
+                "prompt_lens": [e.prompt_len for e in encoded],
+                "pad": [bool(e.meta.get("_pad")) for e in encoded],
+                "tokens": real,
+                "pad_fraction": 1.0 - real / max(B * L, 1),
+                "skipped": skipped,
+            },
+        }
+        return batch

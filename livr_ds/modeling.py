@@ -1,0 +1,249 @@
+"""The LIVR model: a backbone with K latent tokens, LoRA on the LM, and a masked forward.
+
+Only LoRA adapters and the K latent embedding rows train (PEFT's `trainable_token_indices`
+keeps the other rows bit-identical, weight decay included); the vision tower and projector are
+frozen. The forward builds the attention mask for the requested policy from the batch's
+segment and document ids (livr_ds.segments) in the format the attention backend needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from . import segments
+from .config import ExperimentConfig
+from .models import BackboneAdapter, get_adapter
+
+log = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny:"
+
+
+def latent_token_strings(num: int, shared: bool) -> list[str]:
+    """The K latent tokens in order. Shared latents are one token repeated K times."""
+    if num == 0:
+        return []
+    return ["<|latent|>"] * num if shared else [f"<|latent_{i}|>" for i in range(num)]
+
+
+def add_latent_tokens(tokenizer, model, num: int, shared: bool, seed: int) -> list[int]:
+    """Add the latent tokens to the vocabulary and give their embedding rows a random init.
+
+    Returns the K token ids in sequence order (repeated ids for shared latents).
+    """
+    strings = latent_token_strings(num, shared)
+    if not strings:
+        return []
+    new = sorted(set(strings), key=strings.index)
+    tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    ids = tokenizer.convert_tokens_to_ids(strings)
+    embed = model.get_input_embeddings()
+    if max(ids) >= embed.weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        embed = model.get_input_embeddings()
+    with torch.no_grad():
+        std = embed.weight.float().std().item()
+        gen = torch.Generator().manual_seed(seed)
+        unique = sorted(set(ids))
+        rows = torch.randn(len(unique), embed.weight.shape[1], generator=gen) * std
+        embed.weight[unique] = rows.to(embed.weight.dtype)
+    return ids
+
+
+def resolve_model_path(cfg: ExperimentConfig, adapter: BackboneAdapter) -> str:
+    """`tiny:<dir>` names a tiny random checkpoint, written once (atomically) if missing."""
+    path = cfg.model.path
+    if not path.startswith(TINY_PREFIX):
+        if not path:
+            raise ValueError("model.path is empty: give a local checkpoint directory or tiny:<dir>")
+        return path
+    target = os.path.abspath(path[len(TINY_PREFIX):])
+    if not os.path.exists(os.path.join(target, "livr_tiny.json")):
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+        adapter.write_tiny(tmp, seed=0)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another rank won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass
+class Backbone:
+    """Everything built from `model:`, `latents:` and `lora:`, ready to train or evaluate."""
+
+    model: "LivrModel"
+    processor: object
+    adapter: BackboneAdapter
+    latent_ids: list[int]
+    path: str
+
+
+def pick_backend(requested: str, policy: str, packed: bool, device: torch.device) -> str:
+    if requested != "auto":
+        if requested == "flash" and (policy != "standard" or packed):
+            raise ValueError(
+                f"model.attn_backend=flash cannot apply the {policy!r} mask{' to packed rows' if packed else ''}: "
+                "flash-attn ignores 4D masks. Use flex (GPU), sdpa or eager."
+            )
+        return requested
+    if device.type != "cuda":
+        return "sdpa"
+    if policy != "standard" or packed:
+        return "flex"
+    try:
+        import flash_attn  # noqa: F401
+
+        return "flash"
+    except ImportError:
+        return "sdpa"
+
+
+_HF_IMPL = {"sdpa": "sdpa", "eager": "eager", "flex": "sdpa", "flash": "flash_attention_2"}
+
+
+def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device | None = None,
+                   packed: bool = False) -> Backbone:
+    """Load the backbone, add latents, freeze the vision side and wrap the LM in LoRA."""
+    device = device or torch.device("cpu")
+    adapter = get_adapter(cfg.model.family)
+    path = resolve_model_path(cfg, adapter)
+    backend = pick_backend(cfg.model.attn_backend, policy, packed, device)
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    image_kwargs = {k: getattr(cfg.model, k) for k in ("min_pixels", "max_pixels") if getattr(cfg.model, k)}
+    processor = adapter.load_processor(path, trust_remote_code=cfg.model.trust_remote_code,
+                                       image_kwargs=image_kwargs)
+    hf_model = adapter.load_model(path, dtype=dtype, attn_implementation=_HF_IMPL[backend],
+                                  trust_remote_code=cfg.model.trust_remote_code)
+    if backend == "flex":
+        # The VL classes refuse flex_attention at load time; the text model honours it
+        # when set on its config (STACK.md).
+        adapter.text_config(hf_model)._attn_implementation = "flex_attention"
+    latent_ids = add_latent_tokens(processor.tokenizer, hf_model, cfg.latents.num, cfg.latents.shared, cfg.seed)
+    peft_model = wrap_lora(hf_model, adapter, cfg, latent_ids)
+    if cfg.model.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.enable_input_require_grads()
+    model = LivrModel(peft_model, adapter, processor, backend)
+    return Backbone(model, processor, adapter, latent_ids, path)
+
+
+def wrap_lora(hf_model, adapter: BackboneAdapter, cfg: ExperimentConfig, latent_ids: list[int]):
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_regex or adapter.lora_target_regex,
+        trainable_token_indices={adapter.input_embeddings_name(): sorted(set(latent_ids))} if latent_ids else None,
+        bias="none",
+    )
+    model = get_peft_model(hf_model, lora)
+    vision_params = {id(p) for m in adapter.vision_modules(hf_model) for p in m.parameters()}
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in vision_params]
+    if bad:
+        raise ValueError(f"LoRA target regex reached the vision side: {bad[:3]}; anchor it on the language model")
+    return model
+
+
+class LivrModel(torch.nn.Module):
+    """forward(batch, policy) -> mean NLL over answer tokens."""
+
+    def __init__(self, peft_model, adapter: BackboneAdapter, processor, backend: str):
+        super().__init__()
+        self.peft_model = peft_model
+        self.adapter = adapter
+        self.backend = backend
+        self.image_token_id = adapter.image_token_id(processor)
+
+    @property
+    def hf_model(self):
+        # The transformers model, with LoRA layers injected when there is an adapter.
+        inner = self.peft_model
+        return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+    def position_ids(self, batch: dict) -> torch.Tensor:
+        """Rope positions per document (M-RoPE needs each sample's own image grid), right-padded."""
+        input_ids, seg, doc = batch["input_ids"], batch["segment_ids"], batch["doc_ids"]
+        per_image = batch.get("image_counts")  # images per (row, doc), in order
+        grids = batch.get("image_grid_thw")
+        out = None
+        image_cursor = 0
+        for row in range(input_ids.shape[0]):
+            for d, (start, end) in enumerate(_doc_spans(doc[row], seg[row])):
+                ids = input_ids[row, start:end]
+                mm = (ids == self.image_token_id).to(torch.int32)
+                n_img = int(per_image[row][d]) if per_image is not None else 0
+                vision = {}
+                if grids is not None:
+                    vision["image_grid_thw"] = grids[image_cursor:image_cursor + n_img]
+                image_cursor += n_img
+                pos = self.adapter.position_ids(self.hf_model, ids, mm, vision)
+                if out is None:
+                    out = torch.zeros(pos.shape[0], *input_ids.shape, dtype=torch.long, device=input_ids.device)
+                out[:, row, start:end] = pos.to(input_ids.device)
+        return out if out.shape[0] > 1 else out[0]
+
+    def attention_mask(self, batch: dict, policy: str):
+        seg, doc = batch["segment_ids"], batch["doc_ids"]
+        if self.backend == "flash":
+            return (seg != segments.PAD).long()
+        if self.backend == "flex":
+            return segments.block_mask(seg, doc, policy)
+        mask = segments.dense_mask(seg, doc, policy)
+        if self.backend == "eager":
+            return segments.additive_mask(mask, self.hf_model.dtype)
+        return mask
+
+    def hidden_states(self, batch: dict, policy: str) -> torch.Tensor:
+        vision = {k: batch[k] for k in self.adapter.vision_keys if k in batch}
+        if "pixel_values" in vision:
+            vision["pixel_values"] = vision["pixel_values"].to(self.hf_model.dtype)
+        out = self.hf_model.model(
+            input_ids=batch["input_ids"],
+            attention_mask=self.attention_mask(batch, policy),
+            position_ids=self.position_ids(batch),
+            mm_token_type_ids=(batch["input_ids"] == self.image_token_id).to(torch.int32),
+            use_cache=False,
+            **vision,
+        )
+        return out.last_hidden_state
+
+    def logits(self, batch: dict, policy: str) -> torch.Tensor:
+        return self.hf_model.lm_head(self.hidden_states(batch, policy)).float()
+
+    def forward(self, batch: dict, policy: str = "standard") -> torch.Tensor:
+        hidden = self.hidden_states(batch, policy)
+        # Only positions that predict an answer token go through the LM head: the full
+        # (B, L, vocab) logits would cost far more than the loss needs.
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        if not keep.any():  # only padding samples (equal batch counts across ranks): no signal
+            return hidden.sum() * 0.0
+        logits = self.hf_model.lm_head(hidden[:, :-1][keep]).float()
+        return F.cross_entropy(logits, targets[keep])
+
+
+def _doc_spans(doc_row: torch.Tensor, seg_row: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each document in a row, padding excluded."""
+    real = (seg_row != segments.PAD).nonzero().flatten()
+    if real.numel() == 0:
+        return []
+    docs = doc_row[real]
+    change = (docs[1:] != docs[:-1]).nonzero().flatten() + 1
+    bounds = [0, *change.tolist(), real.numel()]
+    return [(int(real[a]), int(real[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def load_peft_adapter(hf_model, adapter_dir: str):
+    """Attach a saved LoRA + latent-row adapter to a freshly loaded backbone (no DeepSpeed)."""
+    return PeftModel.from_pretrained(hf_model, adapter_dir)

@@ -1,0 +1,51 @@
+"""DeepSpeed JSON configs: fill "auto" fields from the experiment YAML, refuse inconsistencies."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from ..config import ConfigError, ExperimentConfig
+
+
+def _fill(section: dict, key: str, value, where: str) -> None:
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value:
+        raise ConfigError(
+            f"{where}.{key} = {current!r} in the DeepSpeed config but the experiment says {value!r}; "
+            f'set it to "auto" to take the experiment value'
+        )
+
+
+def build_ds_config(path: str, cfg: ExperimentConfig, world_size: int) -> dict:
+    with open(path) as f:
+        ds = json.load(f)
+    ds = copy.deepcopy(ds)
+    micro, gas = cfg.optim.micro_batch_size, cfg.optim.grad_accum
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, "ds")
+    _fill(ds, "gradient_accumulation_steps", gas, "ds")
+    _fill(ds, "gradient_clipping", cfg.optim.grad_clip, "ds")
+    total = ds.get("train_batch_size", "auto")
+    if total == "auto":
+        ds["train_batch_size"] = micro * gas * world_size
+    elif total != micro * gas * world_size:
+        raise ConfigError(
+            f"inconsistent batch sizes: train_batch_size={total} but micro_batch_size ({micro}) x grad_accum "
+            f"({gas}) x world size ({world_size}) = {micro * gas * world_size}; set train_batch_size to \"auto\""
+        )
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    _fill(params, "lr", cfg.optim.lr, "ds.optimizer.params")
+    _fill(params, "weight_decay", cfg.optim.weight_decay, "ds.optimizer.params")
+    _fill(params, "betas", list(cfg.optim.betas), "ds.optimizer.params")
+    _fill(params, "eps", cfg.optim.eps, "ds.optimizer.params")
+    params.setdefault("torch_adam", True)  # no extension build; FusedAdam crashed at exit on CPU
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    _fill(bf16, "enabled", cfg.model.dtype == "bfloat16", "ds.bf16")
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise ConfigError("fp16 is not supported by livr-ds; use model.dtype: bfloat16")
+    ds.setdefault("steps_per_print", 10**9)  # our own logging
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

@@ -1,0 +1,135 @@
+"""The LIVR model core on tiny real transformers models: masks reach the attention, only the
+right parameters train, standard == the model's own forward."""
+
+import pytest
+import torch
+
+from livr_ds import segments
+from livr_ds.config import load_config
+from livr_ds.data.collate import LivrCollator
+from livr_ds.data.schema import Sample
+from livr_ds.modeling import build_backbone
+
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava_onevision"]
+
+
+def make_backbone(tiny_dirs, family, k=4, policy="bottleneck", **over):
+    sets = [f"model.family={family}", f"model.path={tiny_dirs[family]}", f"latents.num={k}",
+            "lora.dropout=0.0"] + [f"{a}={b}" for a, b in over.items()]
+    cfg = load_config(None, sets)
+    bb = build_backbone(cfg, policy=policy)
+    # LoRA B starts at zero; give it values so the adapters take part in every check.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in bb.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return bb
+
+
+def sample(images, key="s", question="Which image is brighter?", choices=("left", "right"), answer="A"):
+    return Sample(key=key, task="t", question=question, choices=list(choices), answer=answer,
+                  images=list(images), meta={})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_standard_policy_equals_default_forward(tiny_dirs, photos, family):
+    bb = make_backbone(tiny_dirs, family)
+    col = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
+    batch = col([sample(photos[:1], "a"), sample(photos[1:3], "b", choices=())])
+    m = bb.model.eval()
+    with torch.no_grad():
+        ours = m.logits(batch, "standard")
+        real = batch["segment_ids"] != segments.PAD
+        vision = {k: batch[k] for k in bb.adapter.vision_keys if k in batch}
+        ref = m.hf_model(input_ids=batch["input_ids"], attention_mask=real.long(),
+                         mm_token_type_ids=(batch["input_ids"] == m.image_token_id).int(), **vision).logits
+    assert real.sum() < real.numel()  # the batch really is padded
+    assert torch.equal(ours[real], ref[real])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_bottleneck_routes_all_vision_through_latents(tiny_dirs, photos, family):
+    with_latents = make_backbone(tiny_dirs, family, k=4)
+    col_l = LivrCollator(with_latents.adapter, with_latents.processor, with_latents.latent_ids)
+    col_0 = LivrCollator(with_latents.adapter, with_latents.processor, [])
+    m = with_latents.model.eval()
+
+    def text_logits(col, image, policy):
+        batch = col([sample([image])])
+        seg = batch["segment_ids"][0]
+        text = (seg == segments.PROMPT) | (seg == segments.ANSWER)
+        with torch.no_grad():
+            return m.logits(batch, policy)[0][text]
+
+    a, b = photos[0], photos[1]
+    # Latents removed: prompt and answer never see the image, bit for bit.
+    assert torch.equal(text_logits(col_0, a, "bottleneck"), text_logits(col_0, b, "bottleneck"))
+    # Latents present: the answer sees the image through them.
+    assert not torch.equal(text_logits(col_l, a, "bottleneck"), text_logits(col_l, b, "bottleneck"))
+    # Standard mask: the image reaches prompt and answer directly.
+    assert not torch.equal(text_logits(col_0, a, "standard"), text_logits(col_0, b, "standard"))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_only_lora_and_latent_rows_train(tiny_dirs, photos, family):
+    bb = make_backbone(tiny_dirs, family, k=4)
+    m = bb.model.train()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    embed_before = bb.model.hf_model.get_input_embeddings().weight.detach().clone()
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    col = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
+    batch = col([sample(photos[:1], "a"), sample(photos[2:3], "b", answer="B")])
+    for _ in range(3):
+        opt.zero_grad()
+        loss = m(batch, "bottleneck")
+        loss.backward()
+        for n, p in m.named_parameters():
+            assert (p.grad is not None) == p.requires_grad, n
+            if p.requires_grad:
+                assert p.grad.abs().sum() > 0, f"{n} got no gradient"
+        opt.step()
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, p in m.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or "trainable_tokens" in n for n in changed)
+    vision = {id(p) for mod in bb.adapter.vision_modules(bb.model.hf_model) for p in mod.parameters()}
+    assert not any(id(p) in vision for p in trainable)
+    # The effective embedding table: only the K latent rows moved.
+    ids = torch.arange(embed_before.shape[0])
+    with torch.no_grad():
+        effective = bb.model.hf_model.get_input_embeddings()(ids)
+    moved = (effective != embed_before).any(-1).nonzero().flatten().tolist()
+    assert moved == sorted(set(bb.latent_ids))
+
+
+def test_shared_latents_and_k0(tiny_dirs, photos):
+    shared = make_backbone(tiny_dirs, "qwen2_5_vl", k=4, **{"latents.shared": "true"})
+    assert len(shared.latent_ids) == 4 and len(set(shared.latent_ids)) == 1
+    none = make_backbone(tiny_dirs, "qwen2_5_vl", k=0, policy="standard", **{"schedule.stage1_epochs": 0})
+    assert none.latent_ids == []
+    assert all("trainable_tokens" not in n for n, p in none.model.named_parameters() if p.requires_grad)
+    col = LivrCollator(none.adapter, none.processor, [])
+    loss = none.model(col([sample(photos[:1])]), "standard")
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_eager_backend_matches_sdpa(tiny_dirs, photos):
+    sd = make_backbone(tiny_dirs, "qwen2_5_vl")
+    eg = make_backbone(tiny_dirs, "qwen2_5_vl", **{"model.attn_backend": "eager"})
+    assert eg.model.backend == "eager"
+    col = LivrCollator(sd.adapter, sd.processor, sd.latent_ids)
+    batch = col([sample(photos[:1])])
+    with torch.no_grad():
+        a = sd.model.eval().logits(batch, "bottleneck")
+        b = eg.model.eval().logits(batch, "bottleneck")
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_flash_backend_refuses_custom_masks(tiny_dirs):
+    from livr_ds.modeling import pick_backend
+
+    with pytest.raises(ValueError, match="flash-attn ignores 4D masks"):
+        pick_backend("flash", "bottleneck", False, torch.device("cpu"))
+    assert pick_backend("auto", "bottleneck", False, torch.device("cpu")) == "sdpa"
