@@ -34,6 +34,9 @@ class ModelConfig:
     attn_backend: Literal["auto", "sdpa", "eager", "flex", "flash"] = "auto"
     trust_remote_code: bool = False  # needed for LLaVA-OneVision-1.5 (untested here)
     gradient_checkpointing: bool = False
+    # lora: LoRA on the LM + the K latent rows (LIVR). lm: the whole language model (the paper's
+    # Mirage comparison; vision frozen). all: every weight (tiny models trained from scratch).
+    trainable: Literal["lora", "lm", "all"] = "lora"
     min_pixels: int = 0  # 0 = the checkpoint's own processor settings
     max_pixels: int = 0
 
@@ -89,7 +92,8 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     num_workers: int = 2
-    max_tokens: int = 4096
+    max_tokens: int = 4096  # per sample, and per row when packing
+    packing: bool = False  # several samples per row (no attention across them)
     too_long: Literal["error", "skip"] = "error"  # answers are never cut
     on_error: Literal["raise", "skip"] = "raise"
     val_max_samples: int = 0  # 0 = the whole validation split

@@ -130,7 +130,10 @@ def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device |
         # when set on its config (STACK.md).
         adapter.text_config(hf_model)._attn_implementation = "flex_attention"
     latent_ids = add_latent_tokens(processor.tokenizer, hf_model, cfg.latents.num, cfg.latents.shared, cfg.seed)
-    peft_model = wrap_lora(hf_model, adapter, cfg, latent_ids)
+    if cfg.model.trainable == "lora":
+        peft_model = wrap_lora(hf_model, adapter, cfg, latent_ids)
+    else:
+        peft_model = unfreeze_full(hf_model, adapter, cfg.model.trainable)
     if cfg.model.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
@@ -153,6 +156,14 @@ def wrap_lora(hf_model, adapter: BackboneAdapter, cfg: ExperimentConfig, latent_
     if bad:
         raise ValueError(f"LoRA target regex reached the vision side: {bad[:3]}; anchor it on the language model")
     return model
+
+
+def unfreeze_full(hf_model, adapter: BackboneAdapter, trainable: str):
+    """Full fine-tuning without PEFT: the LM (and the vision side too for `all`)."""
+    vision = {id(p) for m in adapter.vision_modules(hf_model) for p in m.parameters()}
+    for p in hf_model.parameters():
+        p.requires_grad_(trainable == "all" or id(p) not in vision)
+    return hf_model
 
 
 class LivrModel(torch.nn.Module):

@@ -133,3 +133,49 @@ def test_flash_backend_refuses_custom_masks(tiny_dirs):
     with pytest.raises(ValueError, match="flash-attn ignores 4D masks"):
         pick_backend("flash", "bottleneck", False, torch.device("cpu"))
     assert pick_backend("auto", "bottleneck", False, torch.device("cpu")) == "sdpa"
+
+
+@pytest.mark.parametrize("mode", ["lm", "all"])
+def test_full_finetune_modes(tiny_dirs, photos, mode):
+    bb = make_backbone(tiny_dirs, "qwen2_5_vl", **{"model.trainable": mode})
+    vision = {id(p) for mod in bb.adapter.vision_modules(bb.model.hf_model) for p in mod.parameters()}
+    params = list(bb.model.parameters())
+    assert all(p.requires_grad == (mode == "all" or id(p) not in vision) for p in params)
+    assert not any("lora_" in n for n, _ in bb.model.named_parameters())
+    col = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
+    bb.model(col([sample(photos[:1])]), "bottleneck").backward()
+    assert all((p.grad is not None) == p.requires_grad for p in params)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_packed_rows_equal_unpacked(tiny_dirs, photos, family):
+    bb = make_backbone(tiny_dirs, family)
+    samples = [sample(photos[:1], "a"), sample(photos[1:3], "b", choices=(), answer="12"),
+               sample([photos[3].resize((84, 112))], "c", answer="B")]
+    plain = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
+    packer = LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens=512, packing=True)
+    unpacked, packed = plain(samples), packer(samples)
+    assert packed["input_ids"].shape[0] == 1 and packed["doc_ids"].max() >= 2
+    assert packed["meta"]["pad_fraction"] < unpacked["meta"]["pad_fraction"]
+    m = bb.model.train()
+
+    def loss_and_grads(batch):
+        m.zero_grad()
+        loss = m(batch, "bottleneck")
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    l_u, g_u = loss_and_grads(unpacked)
+    l_p, g_p = loss_and_grads(packed)
+    torch.testing.assert_close(l_p, l_u, rtol=1e-5, atol=1e-6)
+    for n in g_u:
+        torch.testing.assert_close(g_p[n], g_u[n], rtol=1e-4, atol=1e-6)
+    # and each document's logits equal its own unpacked forward
+    with torch.no_grad():
+        lp, lu = m.logits(packed, "bottleneck"), m.logits(unpacked, "bottleneck")
+    keys = packed["meta"]["keys"]
+    for d, key in enumerate(keys):
+        row = unpacked["meta"]["keys"].index(key)
+        mine = (packed["doc_ids"][0] == d) & (packed["segment_ids"][0] != segments.PAD)
+        ref = unpacked["segment_ids"][row] != segments.PAD
+        torch.testing.assert_close(lp[0][mine], lu[row][ref], rtol=1e-4, atol=1e-5)

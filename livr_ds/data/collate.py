@@ -63,13 +63,14 @@ class LivrCollator:
     """Callable on a list of samples; picklable, so it runs inside DataLoader workers."""
 
     def __init__(self, adapter: BackboneAdapter, processor, latent_ids: list[int], max_tokens: int = 4096,
-                 too_long: str = "error", with_answer: bool = True):
+                 too_long: str = "error", with_answer: bool = True, packing: bool = False):
         self.adapter = adapter
         self.processor = processor
         self.latent_ids = list(latent_ids)
         self.max_tokens = max_tokens
         self.too_long = too_long
         self.with_answer = with_answer
+        self.packing = packing
         tok = processor.tokenizer
         self.image_token_id = adapter.image_token_id(processor)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -108,37 +109,64 @@ class LivrCollator:
                 log.warning("skipping too-long sample %s", s.key)
         return self.pad(encoded, skipped=skipped)
 
+    def rows(self, encoded: list[EncodedSample]) -> list[list[EncodedSample]]:
+        """One sample per row, or (packing) first-fit-decreasing bins of at most max_tokens."""
+        if not self.packing:
+            return [[e] for e in encoded]
+        bins: list[list[EncodedSample]] = []
+        room: list[int] = []
+        for e in sorted(encoded, key=lambda e: -len(e.input_ids)):
+            n = len(e.input_ids)
+            for i, free in enumerate(room):
+                if n <= free:
+                    bins[i].append(e)
+                    room[i] -= n
+                    break
+            else:
+                bins.append([e])
+                room.append(self.max_tokens - n)
+        return bins
+
     def pad(self, encoded: list[EncodedSample], skipped: int = 0) -> dict:
-        B = len(encoded)
-        L = max((len(e.input_ids) for e in encoded), default=1)
+        rows = self.rows(encoded)
+        B = len(rows)
+        L = max((sum(len(e.input_ids) for e in row) for row in rows), default=1)
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         segment_ids = torch.full((B, L), segments.PAD, dtype=torch.long)
+        doc_ids = torch.zeros((B, L), dtype=torch.long)
         labels = torch.full((B, L), -100, dtype=torch.long)
-        for i, e in enumerate(encoded):
-            n = len(e.input_ids)
-            input_ids[i, :n] = torch.tensor(e.input_ids)
-            segment_ids[i, :n] = torch.tensor(e.segment_ids)
-            if not e.meta.get("_pad"):  # padding repeats a sample to even out ranks: no loss
-                answer = segment_ids[i] == segments.ANSWER
-                labels[i, answer] = input_ids[i, answer]
+        image_counts = torch.zeros((B, max((len(r) for r in rows), default=1)), dtype=torch.long)
+        for i, row in enumerate(rows):
+            start = 0
+            for d, e in enumerate(row):
+                end = start + len(e.input_ids)
+                input_ids[i, start:end] = torch.tensor(e.input_ids)
+                segment_ids[i, start:end] = torch.tensor(e.segment_ids)
+                doc_ids[i, start:end] = d
+                image_counts[i, d] = e.num_images
+                if not e.meta.get("_pad"):  # padding repeats a sample to even out ranks: no loss
+                    answer = segment_ids[i, start:end] == segments.ANSWER
+                    labels[i, start:end][answer] = input_ids[i, start:end][answer]
+                start = end
+            doc_ids[i, start:] = len(row)  # padding is its own document
+        ordered = [e for row in rows for e in row]
         real = int((segment_ids != segments.PAD).sum())
-        batch = {
+        return {
             "input_ids": input_ids,
             "segment_ids": segment_ids,
-            "doc_ids": torch.zeros_like(input_ids),
+            "doc_ids": doc_ids,
             "labels": labels,
-            "image_counts": torch.tensor([[e.num_images] for e in encoded], dtype=torch.long).reshape(B, 1),
-            **self.adapter.collate_vision([e.vision for e in encoded]),
+            "image_counts": image_counts,
+            **self.adapter.collate_vision([e.vision for e in ordered]),
             "meta": {
-                "keys": [e.key for e in encoded],
-                "tasks": [e.task for e in encoded],
-                "answers": [e.answer for e in encoded],
-                "choices": [e.choices for e in encoded],
-                "prompt_lens": [e.prompt_len for e in encoded],
-                "pad": [bool(e.meta.get("_pad")) for e in encoded],
+                "keys": [e.key for e in ordered],
+                "tasks": [e.task for e in ordered],
+                "answers": [e.answer for e in ordered],
+                "choices": [e.choices for e in ordered],
+                "prompt_lens": [e.prompt_len for e in ordered],
+                "pad": [bool(e.meta.get("_pad")) for e in ordered],
                 "tokens": real,
                 "pad_fraction": 1.0 - real / max(B * L, 1),
                 "skipped": skipped,
             },
         }
-        return batch

@@ -19,10 +19,11 @@ import logging
 import os
 import random
 import shutil
+import signal
 
 import numpy as np
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
@@ -30,13 +31,19 @@ from . import distributed as dist
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-FAULT_ENV = "LIVR_DS_FAULT"  # test hook: crash at a named point (see tests)
+FAULT_ENV = "LIVR_DS_FAULT"  # test hook: "<point>[:<n>]" kills rank 0 the n-th time it passes <point>
+_fault_hits: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
-    if os.environ.get(FAULT_ENV) == name:
-        log.error("fault injected at %s (%s=%s)", name, FAULT_ENV, name)
-        os._exit(17)
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec or spec.split(":")[0] != name or not dist.is_main():
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    nth = int(spec.split(":")[1]) if ":" in spec else 1
+    if _fault_hits[name] == nth:
+        log.error("fault injected: SIGKILL at %s (%s=%s)", name, FAULT_ENV, spec)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_json_atomic(path: str, obj) -> None:
@@ -83,15 +90,28 @@ def set_rng_state(state: dict) -> None:
 
 # ---- trainable tensors ----------------------------------------------------------------------
 
-def trainable_state(peft_model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+def is_peft(model) -> bool:
+    return isinstance(model, PeftModel)
 
 
-def load_trainable_state(peft_model, tensors: dict[str, torch.Tensor]) -> None:
-    result = set_peft_model_state_dict(peft_model, tensors)
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "trainable_tokens" in k]
-    if missing:
-        raise ValueError(f"checkpoint tensors did not match the model: {missing[:3]}")
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The tensors that train: PEFT's adapter state, or every trainable weight of a full fine-tune."""
+    if is_peft(model):
+        state = get_peft_model_state_dict(model)
+    else:
+        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
+    if is_peft(model):
+        result = set_peft_model_state_dict(model, tensors)
+        bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "trainable_tokens" in k]
+    else:
+        result = model.load_state_dict(tensors, strict=False)
+        bad = list(result.unexpected_keys)
+    if bad:
+        raise ValueError(f"checkpoint tensors did not match the model: {bad[:3]}")
 
 
 # ---- resume checkpoints ---------------------------------------------------------------------
@@ -126,7 +146,7 @@ def save_resume(engine, ckpt_root: str, tag: str, trainer_state: dict, keep_last
         save_file(trainable_state(engine.module.peft_model), os.path.join(staged, "trainable.safetensors"))
         _write_json_atomic(os.path.join(staged, "trainer_state.json"), trainer_state)
         _replace_dir(staged, final)
-        os.rmdir(tmp_root)
+        shutil.rmtree(tmp_root)  # DeepSpeed also drops helper scripts (zero_to_fp32.py) there
         _write_json_atomic(os.path.join(ckpt_root, LATEST), {"tag": tag})
         _prune(ckpt_root, keep_last)
         log.info("saved resume checkpoint %s", final)
@@ -196,7 +216,10 @@ def save_export(backbone, cfg, stage: int, out_dir: str, extra: dict | None = No
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    backbone.model.peft_model.save_pretrained(tmp)
+    trained = backbone.model.peft_model
+    trained.save_pretrained(tmp)  # PEFT: the adapter; full fine-tuning: the whole model
+    if not is_peft(trained):
+        extra = {**(extra or {}), "merged": True}
     processor = backbone.processor
     processor.tokenizer.save_pretrained(tmp)
     processor.image_processor.save_pretrained(tmp)
@@ -251,8 +274,18 @@ def init_from_export(backbone, cfg, path: str) -> str:
     export_dir = resolve_export(path)
     meta = read_livr_metadata(export_dir)
     check_compatible(meta, cfg, backbone)
-    tensors = load_file(os.path.join(export_dir, "adapter_model.safetensors"))
-    # save_pretrained drops the adapter name from keys; set_peft_model_state_dict adds it back.
-    load_trainable_state(backbone.model.peft_model, tensors)
+    model = backbone.model.peft_model
+    if is_peft(model) != (not meta.get("merged")):
+        raise ValueError("--init-from: the checkpoint's model.trainable (LoRA adapter vs full weights) "
+                         "differs from this experiment's")
+    if is_peft(model):
+        # save_pretrained drops the adapter name from keys; set_peft_model_state_dict adds it back.
+        tensors = load_file(os.path.join(export_dir, "adapter_model.safetensors"))
+    else:
+        tensors = {}
+        for name in sorted(os.listdir(export_dir)):
+            if name.endswith(".safetensors"):
+                tensors.update(load_file(os.path.join(export_dir, name)))
+    load_trainable_state(model, tensors)
     log.info("initialised from %s (stage %s, %s)", export_dir, meta["stage"], meta["policy"])
     return export_dir

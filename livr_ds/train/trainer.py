@@ -44,12 +44,15 @@ def stage_dir(cfg: ExperimentConfig, stage: int | None = None) -> str:
     return os.path.join(cfg.output.dir, f"stage{stage or cfg.stage}")
 
 
+NO_DECAY = ("trainable_tokens", "embed_tokens", "norm", "bias")
+
+
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """LoRA matrices decay; latent embedding rows do not (embeddings never should)."""
+    """LoRA matrices (and full weight matrices) decay; embedding rows, norms and biases do not."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if "trainable_tokens" in name else decay).append(p)
+            (no_decay if any(s in name for s in NO_DECAY) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -67,11 +70,11 @@ class Trainer:
         self.epochs = cfg.epochs()
         torch.manual_seed(cfg.seed)
 
-        self.backbone = build_backbone(cfg, policy=self.policy, device=self.device)
+        self.backbone = build_backbone(cfg, policy=self.policy, device=self.device, packed=cfg.data.packing)
         self.init_from = checkpoint.init_from_export(self.backbone, cfg, init_from) if init_from else None
         self.backbone.model.to(self.device)
         self.collator = LivrCollator(self.backbone.adapter, self.backbone.processor, self.backbone.latent_ids,
-                                     cfg.data.max_tokens, cfg.data.too_long)
+                                     cfg.data.max_tokens, cfg.data.too_long, packing=cfg.data.packing)
         self.loader = self._loader(cfg.data.train, cfg.data.train_split, cfg.optim.micro_batch_size,
                                    self.collator, shuffle=True)
         gas = cfg.optim.grad_accum
@@ -85,7 +88,7 @@ class Trainer:
             config=ds,
             lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, self.total_steps),
         )
-        self.state = {"epoch": 0, "batches_in_epoch": 0, "global_step": 0, "best_val": None,
+        self.state = {"epoch": 0, "global_step": 0, "best_val": None,
                       "best_epoch": None, "wandb_id": None, "world_size": dist.world_size(),
                       "samples_seen": 0, "pad_samples": 0}
         self._maybe_resume(resume)
@@ -120,8 +123,9 @@ class Trainer:
             saved = checkpoint.load_resume(self.engine, path)
             self.resumed_rng = saved.get("rng")
             self.state.update({k: saved[k] for k in self.state if k in saved and k != "world_size"})
+            self.loader.load_state_dict(saved["loader"])
             log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.state["epoch"],
-                     self.state["batches_in_epoch"], self.state["global_step"])
+                     self.loader.state_dict()["batches_consumed"], self.state["global_step"])
 
     def _write_run_files(self, ds: dict) -> None:
         if dist.is_main():
@@ -147,14 +151,14 @@ class Trainer:
         cfg, st = self.cfg, self.state
         log.info("stage %d (%s mask): %d epochs x %d micro-batches/rank, %d optimizer steps, world %d",
                  cfg.stage, self.policy, self.epochs, len(self.loader), self.total_steps, dist.world_size())
-        bar = tqdm(total=self.epochs * len(self.loader), initial=st["epoch"] * len(self.loader) + st["batches_in_epoch"],
+        done = st["epoch"] * len(self.loader) + self.loader.state_dict()["batches_consumed"]
+        bar = tqdm(total=self.epochs * len(self.loader), initial=done,
                    disable=not (dist.is_main() and cfg.logging.progress_bar), desc=f"stage {cfg.stage}", unit="batch")
         window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "pad_fraction": 0.0, "t": time.time()}
         while st["epoch"] < self.epochs:
-            self.loader.load_state_dict({"epoch": st["epoch"], "batches_consumed": st["batches_in_epoch"]})
+            self.loader.set_epoch(st["epoch"])  # keeps a resumed mid-epoch position
             for batch in self.loader:
                 loss = self._micro_step(batch)
-                st["batches_in_epoch"] += 1
                 bar.update(1)
                 meta = batch["meta"]
                 window["loss"] += loss
@@ -166,6 +170,7 @@ class Trainer:
                 if self.engine.micro_steps % cfg.optim.grad_accum:
                     continue  # mid-accumulation: the optimizer has not stepped
                 st["global_step"] = self.engine.global_steps
+                checkpoint.fault_point("after_step")
                 if st["global_step"] % cfg.logging.every_steps == 0:
                     self._log(window)
                 stop = dist.any_rank(self.stop_requested)
@@ -177,7 +182,6 @@ class Trainer:
                     bar.close()
                     return "interrupted"
             st["epoch"] += 1
-            st["batches_in_epoch"] = 0
             self._end_of_epoch()
         bar.close()
         if dist.is_main():
@@ -204,11 +208,11 @@ class Trainer:
 
     def _log(self, window: dict) -> None:
         elapsed = max(time.time() - window["t"], 1e-9)
-        samples, tokens = dist.all_sum([window["samples"], window["tokens"]])
+        loss_sum, n, samples, tokens = dist.all_sum([window["loss"], window["n"], window["samples"], window["tokens"]])
         grad_norm = self.engine.get_global_grad_norm()
         record = {
             "step": self.state["global_step"], "epoch": self.state["epoch"], "stage": self.cfg.stage,
-            "loss": window["loss"] / max(window["n"], 1), "lr": self.scheduler.get_last_lr()[0],
+            "loss": loss_sum / max(n, 1), "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
             "pad_fraction": window["pad_fraction"] / max(window["n"], 1),
@@ -241,9 +245,9 @@ class Trainer:
         cfg = self.cfg
         collator = LivrCollator(self.backbone.adapter, self.backbone.processor, self.backbone.latent_ids,
                                 cfg.data.max_tokens, "error", with_answer=False)
+        # Shuffled with a fixed epoch, so val_max_samples takes the same mixed subset every time.
         loader = self._loader(cfg.data.val, cfg.data.val_split, max(cfg.optim.micro_batch_size, 4),
-                              collate_fn=None, shuffle=False)
-        loader.load_state_dict({"epoch": 0, "batches_consumed": 0})
+                              collate_fn=None, shuffle=True)
         records, seen = [], 0
         self.engine.eval()
         for samples in loader:
@@ -266,7 +270,7 @@ class Trainer:
     def save(self) -> None:
         tag = f"step-{self.state['global_step']:08d}"
         trainer_state = {**self.state, "world_size": dist.world_size(), "stage": self.cfg.stage,
-                         "loader": self.loader.state_dict()}
+                         "loader": self.loader.state_dict(), "loader_stats": self.loader.stats}
         checkpoint.save_resume(self.engine, self.ckpt_root, tag, trainer_state, self.cfg.output.keep_last)
 
 

@@ -1,0 +1,1 @@
+"""Shards: schema, writer, demo tasks, reader (see docs/data.md)."""

@@ -1,0 +1,652 @@
+"""A stateful, rank- and worker-exact loader over webdataset tar shards.
+
+    loader = LivrLoader([ShardSource("data/counting"), ShardSource("data/jigsaw", weight=0.5)],
+                        rank=rank, world_size=world, batch_size=8, num_workers=2, seed=0,
+                        collate_fn=collator)          # default collate: list[Sample]
+    for epoch in range(loader.epoch, epochs):
+        loader.set_epoch(epoch)                     # same epoch as loaded state: keeps the position
+        for batch in loader:                        # len(loader) batches, equal on every rank
+            ...
+            ckpt["data"] = loader.state_dict()      # {"epoch", "batches_consumed", ...}
+    loader.load_state_dict(ckpt["data"])            # continues at exactly the next batch
+
+Sources
+    ``ShardSource(path, weight=1.0, split="train")``. ``path`` is a shard directory (its
+    manifest.json gives shard names and sample counts for ``split``), a manifest.json file, or a
+    brace/glob pattern such as ``data/train-{00000..00003}.tar`` (counts come from a
+    manifest.json next to the shards if it lists them, else from one scan of the tar headers,
+    logged). A pattern matching nothing is a DataError naming it.
+
+    Weights (multi-task mixing): weight 1.0 = every sample of the source once per epoch; weight
+    w = floor(w) full passes plus a subset of round(frac(w) * N) samples drawn without
+    replacement from (seed, epoch, source index). E.g. 6 tasks x 1k with weights 1.0 mix all
+    6k samples once; weight 0.5 on one task gives 500 of its samples per epoch, a different 500
+    each epoch. The epoch length is the same every epoch.
+
+Epoch order: a pure function of (seed, epoch, shuffle, shuffle_block, sources' shard names,
+    counts and weights); NOT of world size, batch size or num_workers.
+    1. "visits" (one pass over one shard, possibly a subset of it) are listed per source and
+       weight and shuffled as a whole;  2. the concatenated stream is cut into blocks of
+    ``shuffle_block`` samples and each block is permuted. Position p of this order is the p-th
+    sample of the epoch. With shuffle=False: sources, shards and samples in order.
+
+Ranks and workers: global batch s holds positions [s*W*B, (s+1)*W*B); rank r takes the r-th
+    slice of B. Every rank gets ``len(loader)`` = ceil(N / (W*B)) batches of exactly B samples;
+    the W*B*len - N positions past the end repeat the epoch from its start and are marked
+    ``sample.meta["_pad"] = True`` (counted in ``num_padded`` and logged). ``drop_last=True``
+    instead drops the last partial global batch (0 batches is an error). More ranks than
+    samples is allowed (a warning: some ranks see only padding); 0 samples is an error.
+    Batch b of a rank's remaining batches goes to worker b % num_workers, so DataLoader's
+    round-robin returns them in order; a worker with no batches yields nothing.
+
+Decoding: only ``json`` and ``<i>.jpg|jpeg|png`` members are read (others, e.g. ``.pyd``,
+    ``.pickle``, ``.pth``, are skipped inside the tar stream, never loaded, never unpickled).
+    Images go through PIL's JPEG/PNG parsers only, with a full load() (catches truncation).
+    Samples skipped for resume or belonging to other ranks are skipped as raw tar members:
+    never decoded, and shards holding none of a worker's samples are never opened.
+
+Errors: on_error="raise" -> DataError "<shard>:<key>: what is wrong" (corrupt or truncated
+    tar, truncated image, bad JSON fields, answer not among choices, shard shorter than its
+    manifest). on_error="skip" -> the bad sample is replaced by a copy of a good sample of the
+    same batch (or the worker's previous one), marked ``_pad`` and ``_replaces``, counted in
+    ``stats["bad"]`` and logged: batch counts stay equal across ranks.
+
+Position: ``state_dict()`` = {"epoch", "batches_consumed", "samples_consumed" (global),
+    "world_size", "batch_size", "fingerprint", ...}, counting only batches handed to the
+    caller (not prefetched ones). A finished epoch moves the loader to (epoch + 1, 0).
+    Resuming needs the same data and shuffle settings (fingerprint) and drop_last. num_workers
+    may change freely (the order does not depend on it). world_size / batch_size may change
+    when the samples consumed are a multiple of the new global batch W*B: because the global
+    order does not depend on W, the run continues with exactly the samples not yet seen this
+    epoch (padding is recomputed). Otherwise ``load_state_dict`` raises DataError.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .schema import DECLARED_MEMBER_RE, IMAGE_MEMBER_RE, DataError, Sample, decode_image, validate_record
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+# ---- sources --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    count: int
+    name: str  # stable name used in the fingerprint (relative to its manifest, or basename)
+    sha256: str = ""  # from the manifest, if it has one (also part of the fingerprint)
+
+
+@dataclasses.dataclass
+class ShardSource:
+    """A set of shards: a directory (+ split), a manifest.json, or a brace/glob pattern."""
+
+    path: str
+    weight: float = 1.0
+    split: str = "train"
+
+    def resolve(self) -> list[ShardInfo]:
+        path = os.fspath(self.path)
+        if not (isinstance(self.weight, (int, float)) and self.weight > 0 and math.isfinite(self.weight)):
+            raise DataError(f"{path}: weight must be a positive number, got {self.weight!r}")
+        if os.path.isdir(path) or os.path.basename(path) == MANIFEST:
+            return _from_manifest_dir(path if os.path.isdir(path) else os.path.dirname(path) or ".", self.split)
+        return _from_pattern(path)
+
+
+def _from_manifest_dir(d: str, split: str) -> list[ShardInfo]:
+    mpath = os.path.join(d, MANIFEST)
+    if not os.path.isfile(mpath):
+        pattern = os.path.join(d, f"{split}-*.tar")
+        if not glob.glob(pattern):
+            raise DataError(f"{d}: no {MANIFEST} and no shards matching {split}-*.tar")
+        return _from_pattern(pattern)
+    with open(mpath) as f:
+        try:
+            m = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{mpath}: not valid JSON ({exc})") from None
+    splits = m.get("splits", {}) if isinstance(m, dict) else {}
+    if split not in splits:
+        raise DataError(f"{mpath}: no split {split!r} (has {sorted(splits)})")
+    shards = []
+    for s in splits[split].get("shards", []):
+        url = os.path.join(d, s["name"])
+        if not os.path.isfile(url):
+            raise DataError(f"{url}: listed in {mpath} but missing")
+        shards.append(ShardInfo(url, int(s["count"]), s["name"], str(s.get("sha256", ""))))
+    return shards
+
+
+def _from_pattern(pattern: str) -> list[ShardInfo]:
+    urls = []
+    for u in wds.shardlists.expand_urls(pattern):
+        urls += sorted(glob.glob(u)) if any(c in u for c in "*?[") else [u]
+    found = [u for u in urls if os.path.isfile(u)]
+    if not found:
+        raise DataError(f"no shards match {pattern!r}")
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise DataError(f"{pattern!r}: {len(missing)} of {len(urls)} shards missing, e.g. {missing[0]}")
+    counts: dict[str, int] = {}
+    for d in sorted({os.path.dirname(u) for u in found}):  # a manifest next to the shards saves the scan
+        mpath = os.path.join(d, MANIFEST)
+        if os.path.isfile(mpath):
+            try:
+                with open(mpath) as f:
+                    for sp in json.load(f).get("splits", {}).values():
+                        for s in sp.get("shards", []):
+                            counts[os.path.normpath(os.path.join(d, s["name"]))] = int(s["count"])
+            except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+                pass
+    todo = [u for u in found if os.path.normpath(u) not in counts]
+    if todo:
+        log.info("counting samples in %d shard(s) matching %r (no manifest entry; reading tar headers once)",
+                 len(todo), pattern)
+    out = []
+    for u in found:
+        n = counts.get(os.path.normpath(u))
+        out.append(ShardInfo(u, n if n is not None else count_samples(u), os.path.basename(u)))
+    return out
+
+
+def count_samples(url: str) -> int:
+    """Number of samples (distinct keys with a declared member) in a shard; reads no data."""
+    state = {"prefix": None, "n": 0}
+
+    def select(fname: str) -> bool:
+        prefix, ext = wds.tariterators.base_plus_ext(fname)
+        if prefix is not None and DECLARED_MEMBER_RE.match(ext.lower()) and prefix != state["prefix"]:
+            state["prefix"] = prefix
+            state["n"] += 1
+        return False
+
+    try:
+        with open(url, "rb") as f:
+            for _ in wds.tariterators.tar_file_iterator(f, select_files=select):
+                pass
+    except Exception as exc:
+        raise DataError(f"{url}:{state['prefix'] or '<start>'}: cannot read tar ({exc})") from None
+    return state["n"]
+
+
+# ---- raw tar reading (webdataset stages) ----------------------------------------------------
+class _Bad:
+    """A sample that could not be read or decoded."""
+
+    __slots__ = ("key", "error")
+
+    def __init__(self, key: str, error: DataError):
+        self.key, self.error = key, error
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_handler(exn: Exception) -> bool:
+    if isinstance(exn, _Stop):
+        return False  # tar_file_iterator: stop reading this shard
+    raise exn
+
+
+def read_shard(url: str, wanted: list[int]) -> Iterator[tuple[int, dict | _Bad]]:
+    """Yield (index in shard, raw sample) for the sorted, unique sample indices ``wanted``.
+
+    Built on webdataset's tar_file_iterator: a member is read only if it belongs to a wanted
+    sample and has a declared extension; everything else stays unread bytes in the stream.
+    Reading stops after the last wanted sample. A raw sample is {"__key__", "json", "0.jpg", ...}.
+    A read failure yields _Bad for every wanted sample not yet produced.
+    """
+    wanted_set, last = set(wanted), wanted[-1]
+    st: dict[str, Any] = {"prefix": None, "idx": -1, "keys": {}}
+
+    def select(fname: str) -> bool:  # samples are counted as in count_samples: by declared members
+        prefix, ext = wds.tariterators.base_plus_ext(fname)
+        if prefix is None or not DECLARED_MEMBER_RE.match(ext.lower()):
+            return False
+        if prefix != st["prefix"]:
+            st["prefix"] = prefix
+            st["idx"] += 1
+            if st["idx"] > last:
+                raise _Stop()
+            if st["idx"] in wanted_set:
+                st["keys"][st["idx"]] = prefix
+        return st["idx"] in wanted_set
+
+    done: set[int] = set()
+    cur_idx, cur = None, None
+    error = None
+    try:
+        with open(url, "rb") as f:
+            for member in wds.tariterators.tar_file_iterator(f, handler=_stop_handler, select_files=select):
+                idx = st["idx"]
+                if idx != cur_idx:
+                    if cur is not None:
+                        done.add(cur_idx)
+                        yield cur_idx, cur
+                    cur_idx, cur = idx, {"__key__": st["keys"][idx]}
+                _, ext = wds.tariterators.base_plus_ext(member["fname"])
+                if ext.lower() in cur:
+                    raise DataError(f"{url}:{cur['__key__']}: duplicate member {member['fname']}")
+                cur[ext.lower()] = member["data"]
+    except DataError as exc:
+        error = exc
+    except Exception as exc:  # tarfile.ReadError, OSError, ... from a corrupt or truncated tar
+        key = st["prefix"] or "<start>"
+        error = DataError(f"{url}:{key}: corrupt or truncated tar ({type(exc).__name__}: {exc})")
+    if error is not None:
+        for j in wanted:
+            if j not in done:
+                done.add(j)
+                yield j, _Bad(st["keys"].get(j, f"#{j}"), error)
+        return
+    if cur is not None:
+        done.add(cur_idx)
+        yield cur_idx, cur
+    n_seen = st["idx"] + 1
+    for j in wanted:
+        if j not in done:
+            done.add(j)
+            if j in st["keys"]:
+                yield j, {"__key__": st["keys"][j]}
+            else:
+                yield j, _Bad(f"#{j}", DataError(
+                    f"{url}:#{j}: shard ended after {n_seen} samples; the manifest promised more "
+                    "(truncated or replaced shard?)"))
+
+
+def decode_sample(raw: dict, shard: str) -> Sample:
+    """Raw members -> Sample. Only json and numbered jpg/jpeg/png members are looked at."""
+    key = raw["__key__"]
+    where = f"{shard}:{key}"
+    if "json" not in raw:
+        raise DataError(f"{where}: missing json member")
+    try:
+        record = json.loads(raw["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{where}: json member is not valid JSON ({exc})") from None
+    found = []
+    for ext in raw:
+        m = IMAGE_MEMBER_RE.match(ext)
+        if m:
+            found.append((int(m.group(1)), ext, m.group(2)))
+    found.sort()
+    if [i for i, _, _ in found] != list(range(len(found))):
+        raise DataError(f"{where}: images must be numbered 0..N-1, found {[e for _, e, _ in found]}")
+    rec = validate_record(record, where, n_images=len(found))
+    images = [decode_image(raw[ext], fmt, f"{where}.{ext}") for _, ext, fmt in found]
+    return Sample(key=key, task=rec["task"], question=rec["question"], choices=rec["choices"],
+                  answer=rec["answer"], images=images, meta=rec["meta"], shard=shard)
+
+
+# ---- the epoch plan: a pure function of (seed, epoch, sources) -------------------------------
+class EpochPlan:
+    """The epoch's sample order. ``locate(p)`` -> (shard id, index in shard) of position p."""
+
+    def __init__(self, sources: list[tuple[list[int], list[int], float]], seed: int, epoch: int,
+                 shuffle: bool, shuffle_block: int):
+        """sources: per source (shard ids, shard counts, weight)."""
+        visits: list[tuple[int, np.ndarray]] = []
+        for si, (ids, counts, weight) in enumerate(sources):
+            full, frac = int(math.floor(weight)), weight - math.floor(weight)
+            for _ in range(full):
+                visits += [(sid, np.arange(c, dtype=np.int64)) for sid, c in zip(ids, counts) if c > 0]
+            total = sum(counts)
+            k = int(round(frac * total))
+            if k > 0:
+                pick = np.sort(np.random.default_rng([seed, epoch, 1, si]).choice(total, size=k, replace=False))
+                bounds = np.cumsum([0, *counts])
+                for j, sid in enumerate(ids):
+                    sel = pick[(pick >= bounds[j]) & (pick < bounds[j + 1])] - bounds[j]
+                    if len(sel):
+                        visits.append((sid, sel.astype(np.int64)))
+        if shuffle:
+            order = np.random.default_rng([seed, epoch, 0]).permutation(len(visits))
+            visits = [visits[i] for i in order]
+        self.visits = visits
+        self.offsets = np.cumsum([0] + [len(v[1]) for v in visits]).astype(np.int64)
+        self.n = int(self.offsets[-1])
+        perm = np.arange(self.n, dtype=np.int64)
+        if shuffle and self.n:
+            rng = np.random.default_rng([seed, epoch, 2])
+            for start in range(0, self.n, shuffle_block):
+                end = min(start + shuffle_block, self.n)
+                perm[start:end] = start + rng.permutation(end - start)
+        self.perm = perm  # position p -> stream position perm[p]
+
+    def stream_locate(self, q: int) -> tuple[int, int]:
+        v = bisect.bisect_right(self.offsets, q) - 1
+        return v, int(self.visits[v][1][q - self.offsets[v]])
+
+    def locate(self, p: int) -> tuple[int, int]:
+        v, idx = self.stream_locate(int(self.perm[p]))
+        return self.visits[v][0], idx
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How N epoch positions become equal per-rank batches."""
+
+    n: int
+    world_size: int
+    batch_size: int
+    drop_last: bool
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size
+
+    @property
+    def num_batches(self) -> int:
+        g = self.global_batch
+        return self.n // g if self.drop_last else -(-self.n // g)
+
+    @property
+    def num_padded(self) -> int:  # all ranks
+        return 0 if self.drop_last else self.num_batches * self.global_batch - self.n
+
+    @property
+    def num_dropped(self) -> int:
+        return self.n - self.num_batches * self.global_batch if self.drop_last else 0
+
+    def positions(self, rank: int, b: int) -> list[tuple[int, bool]]:
+        """(epoch position, is_pad) of rank's batch b; pad positions wrap to the epoch start."""
+        start = (b * self.world_size + rank) * self.batch_size
+        return [(p if p < self.n else (p - self.n) % self.n, p >= self.n)
+                for p in range(start, start + self.batch_size)]
+
+    def rank_padded(self, rank: int) -> int:
+        if not self.num_padded:
+            return 0
+        first = max(0, (self.n // self.batch_size - rank) // self.world_size - 1)  # earlier batches: no pad
+        return sum(pad for b in range(first, self.num_batches) for _, pad in self.positions(rank, b))
+
+
+# ---- the per-epoch dataset run in each worker -----------------------------------------------
+def _identity(x):
+    return x
+
+
+def default_collate(samples: list[Sample]) -> list[Sample]:
+    return samples
+
+
+class _StreamReader:
+    """Reads one pass over a sorted set of stream positions, buffering ahead as needed."""
+
+    def __init__(self, plan: EpochPlan, shards: list[ShardInfo], positions: list[int]):
+        self.plan, self.shards = plan, shards
+        self.buffer: dict[int, tuple[str, dict | _Bad]] = {}
+        self._gen = self._generate(sorted(set(positions)))
+
+    def _generate(self, qs: list[int]):
+        by_visit: dict[int, list[int]] = {}
+        for q in qs:
+            by_visit.setdefault(bisect.bisect_right(self.plan.offsets, q) - 1, []).append(q)
+        for v in sorted(by_visit):
+            sid, idxs = self.plan.visits[v]
+            off = int(self.plan.offsets[v])
+            q_of = {int(idxs[q - off]): q for q in by_visit[v]}
+            url = self.shards[sid].url
+            for idx, raw in read_shard(url, sorted(q_of)):
+                yield q_of[idx], (url, raw)
+
+    def get(self, q: int) -> tuple[str, dict | _Bad]:
+        while q not in self.buffer:
+            pos, item = next(self._gen)
+            self.buffer[pos] = item
+        return self.buffer.pop(q)
+
+
+class _EpochDataset(IterableDataset):
+    """Yields (collated batch, info) for one rank's batches [start, num_batches) of one epoch."""
+
+    def __init__(self, cfg: dict, epoch: int, start: int):
+        self.cfg, self.epoch, self.start = cfg, epoch, start
+
+    def __iter__(self):
+        c = self.cfg
+        wi = get_worker_info()
+        wid, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        layout: Layout = c["layout"]
+        mine = list(range(self.start + wid, layout.num_batches, nw))
+        if not mine:
+            return
+        plan = EpochPlan(c["plan_sources"], c["seed"], self.epoch, c["shuffle"], c["shuffle_block"])
+        # Requests (stream position, pass) per batch: the k-th request of the same stream
+        # position (padding wraps around) is served by the k-th sequential reader.
+        seen: dict[int, int] = {}
+        requests = []
+        for b in mine:
+            reqs = []
+            for p, pad in layout.positions(c["rank"], b):
+                q = int(plan.perm[p])
+                k = seen.get(q, 0)
+                seen[q] = k + 1
+                reqs.append((q, k, pad))
+            requests.append(reqs)
+        passes: dict[int, list[int]] = {}
+        for reqs in requests:
+            for q, k, _ in reqs:
+                passes.setdefault(k, []).append(q)
+        readers = {k: _StreamReader(plan, c["shards"], qs) for k, qs in passes.items()}
+        last_good: Sample | None = None
+        for b, reqs in zip(mine, requests):
+            samples: list[Sample | None] = []
+            bad: list[tuple[int, str, str]] = []
+            for j, (q, k, pad) in enumerate(reqs):
+                url, raw = readers[k].get(q)
+                try:
+                    if isinstance(raw, _Bad):
+                        raise raw.error
+                    s = decode_sample(raw, url)
+                except DataError as exc:
+                    if c["on_error"] == "raise":
+                        raise
+                    log.warning("skipping bad sample (replaced by a pad copy): %s", exc)
+                    bad.append((j, raw.key if isinstance(raw, _Bad) else raw.get("__key__", "?"), str(exc)))
+                    samples.append(None)
+                    continue
+                if pad:
+                    s.meta["_pad"] = True
+                samples.append(s)
+            good = [s for s in samples if s is not None]
+            donor = good[0] if good else last_good
+            if bad and donor is None:
+                donor = self._any_good_sample(plan, c["shards"])
+            for j, key, _ in bad:
+                samples[j] = dataclasses.replace(donor, meta={**donor.meta, "_pad": True, "_replaces": key})
+            if good:
+                last_good = good[-1]
+            bad_slots = {j for j, _, _ in bad}
+            info = {"epoch": self.epoch, "batch": b, "n_pad": sum(pad for _, _, pad in reqs),
+                    "n_real": sum(1 for j, (_, _, pad) in enumerate(reqs) if not pad and j not in bad_slots),
+                    "bad": [(key, msg) for _, key, msg in bad]}
+            yield c["collate_fn"](samples), info
+
+    @staticmethod
+    def _any_good_sample(plan: EpochPlan, shards: list[ShardInfo]) -> Sample:
+        for q in range(plan.n):  # rare: a whole batch bad and nothing good before it
+            v, idx = plan.stream_locate(q)
+            url = shards[plan.visits[v][0]].url
+            for _, raw in read_shard(url, [idx]):
+                if not isinstance(raw, _Bad):
+                    try:
+                        return decode_sample(raw, url)
+                    except DataError:
+                        pass
+        raise DataError("on_error='skip': no readable sample in the whole epoch")
+
+
+# ---- the loader -----------------------------------------------------------------------------
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed when initialised, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class LivrLoader:
+    """See the module docstring. ``rank``/``world_size`` None -> from torch.distributed."""
+
+    def __init__(self, sources, rank: int | None = None, world_size: int | None = None, batch_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, collate_fn: Callable | None = None, shuffle: bool = True,
+                 on_error: str = "raise", drop_last: bool = False, shuffle_block: int = 4096,
+                 prefetch_factor: int = 2, timeout: float = 0, state: dict | None = None):
+        if rank is None or world_size is None:
+            r, w = dist_rank_world()
+            rank = r if rank is None else rank
+            world_size = w if world_size is None else world_size
+        if isinstance(sources, (str, os.PathLike, ShardSource)):
+            sources = [sources]
+        self.sources = [s if isinstance(s, ShardSource) else
+                        ShardSource(*s) if isinstance(s, (tuple, list)) else ShardSource(s) for s in sources]
+        if not self.sources:
+            raise DataError("no shard sources given")
+        if not (0 <= rank < world_size):
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size < 1 or num_workers < 0 or shuffle_block < 1:
+            raise DataError("batch_size and shuffle_block must be >= 1 and num_workers >= 0")
+        if on_error not in ("raise", "skip"):
+            raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise DataError(f"seed must be a non-negative int, got {seed!r}")
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.num_workers, self.seed, self.shuffle, self.shuffle_block = num_workers, seed, shuffle, shuffle_block
+        self.collate_fn = collate_fn or default_collate
+        self.on_error, self.drop_last = on_error, drop_last
+        self.prefetch_factor, self.timeout = prefetch_factor, timeout
+
+        self.shards: list[ShardInfo] = []
+        plan_sources, fp = [], []
+        for src in self.sources:
+            infos = src.resolve()
+            ids = list(range(len(self.shards), len(self.shards) + len(infos)))
+            self.shards += infos
+            plan_sources.append((ids, [i.count for i in infos], float(src.weight)))
+            fp.append([float(src.weight), [(i.name, i.count, i.sha256) for i in infos]])
+        self._plan_sources = plan_sources
+        n = EpochPlan(plan_sources, seed, 0, False, 1).n  # the same every epoch
+        if n == 0:
+            raise DataError(f"no samples in {[s.path for s in self.sources]}")
+        self.layout = Layout(n, world_size, batch_size, drop_last)
+        if self.layout.num_batches == 0:
+            raise DataError(f"drop_last: {n} samples < one global batch of {self.layout.global_batch} "
+                            f"({world_size} ranks x {batch_size})")
+        if world_size > n and not drop_last:
+            log.warning("%d ranks > %d samples: some ranks see only padded samples", world_size, n)
+        self.fingerprint = hashlib.sha256(json.dumps(
+            {"sources": fp, "seed": seed, "shuffle": shuffle, "block": shuffle_block}, sort_keys=True).encode()
+        ).hexdigest()[:16]
+        self.epoch, self._consumed = 0, 0
+        self.stats = {"samples": 0, "pad": 0, "bad": 0, "bad_keys": []}
+        if state is not None:
+            self.load_state_dict(state)
+
+    # -- sizes --
+    def __len__(self) -> int:
+        """Batches per epoch on every rank."""
+        return self.layout.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        """Real samples per epoch (all ranks)."""
+        return self.layout.n
+
+    @property
+    def num_padded(self) -> int:
+        """Padded samples this rank gets per epoch."""
+        return self.layout.rank_padded(self.rank)
+
+    @property
+    def num_padded_global(self) -> int:
+        return self.layout.num_padded
+
+    # -- epoch / position --
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning, unless it is the current epoch (then the position,
+        e.g. from load_state_dict, is kept)."""
+        if epoch != self.epoch:
+            self.epoch, self._consumed = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_consumed": self._consumed,
+                "samples_consumed": self._consumed * self.layout.global_batch,
+                "world_size": self.world_size, "batch_size": self.batch_size, "drop_last": self.drop_last,
+                "num_samples": self.layout.n, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise DataError("data loader state is for different data or shuffle settings (fingerprint "
+                            f"{state.get('fingerprint')} != {self.fingerprint}); cannot resume the position")
+        if bool(state.get("drop_last")) != self.drop_last:
+            raise DataError("data loader state was saved with drop_last=%s" % state.get("drop_last"))
+        epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        if (state["world_size"], state["batch_size"]) != (self.world_size, self.batch_size):
+            samples = int(state["samples_consumed"])
+            g = self.layout.global_batch
+            if samples % g:
+                raise DataError(
+                    f"cannot resume mid-epoch: {samples} samples consumed with world_size={state['world_size']} x "
+                    f"batch_size={state['batch_size']} is not a multiple of the new global batch {g} "
+                    f"({self.world_size} x {self.batch_size}); resume at the old layout or at an epoch boundary")
+            consumed = samples // g
+            log.info("data: resuming epoch %d at global sample %d with a new layout (%d ranks x %d)",
+                     epoch, samples, self.world_size, self.batch_size)
+        if consumed > len(self):
+            raise DataError(f"state says {consumed} batches consumed, but the epoch has {len(self)}")
+        self.epoch, self._consumed = epoch, consumed
+
+    # -- iteration --
+    def _cfg(self) -> dict:
+        return {"layout": self.layout, "plan_sources": self._plan_sources, "seed": self.seed,
+                "shuffle": self.shuffle, "shuffle_block": self.shuffle_block, "shards": self.shards,
+                "rank": self.rank, "on_error": self.on_error, "collate_fn": self.collate_fn}
+
+    def __iter__(self):
+        epoch, start, total = self.epoch, self._consumed, len(self)
+        if start < total:
+            log.info("data: rank %d/%d epoch %d: batches %d..%d of %d x %d samples; %d padded samples on this "
+                     "rank (%d on all ranks), %d dropped", self.rank, self.world_size, epoch, start, total - 1,
+                     total, self.batch_size, self.num_padded, self.num_padded_global, self.layout.num_dropped)
+            ds = _EpochDataset(self._cfg(), epoch, start)
+            kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+            # A private generator: DataLoader otherwise draws worker seeds from the global torch
+            # RNG, and a resumed run (which builds its iterator at a different point) would then
+            # see different dropout masks than the uninterrupted one.
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                            timeout=self.timeout, generator=gen, **kw)
+            expected = start
+            for batch, info in dl:
+                if (info["epoch"], info["batch"]) != (epoch, expected):
+                    raise DataError(f"internal: got batch {info['batch']} of epoch {info['epoch']}, "
+                                    f"expected {expected} of {epoch}")
+                expected += 1
+                self._consumed = expected
+                self.stats["samples"] += info["n_real"]
+                self.stats["pad"] += info["n_pad"]
+                self.stats["bad"] += len(info["bad"])
+                self.stats["bad_keys"] = (self.stats["bad_keys"] + [k for k, _ in info["bad"]])[-1000:]
+                yield batch
+            if expected != total:
+                raise DataError(f"internal: rank {self.rank} got {expected} of {total} batches in epoch {epoch}")
+        self.epoch, self._consumed = epoch + 1, 0

@@ -1,0 +1,497 @@
+"""Shards end to end on the real webdataset library: writer, reader, demo tasks, bad input, CLI."""
+
+import argparse
+import io
+import json
+import logging
+import os
+import pickle
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from livr_ds.data import reader as reader_mod
+from livr_ds.data.cli import add_shards_commands
+from livr_ds.data.demo import TASKS, make_demo
+from livr_ds.data.reader import LivrLoader, ShardSource
+from livr_ds.data.schema import DataError, validate_record
+from livr_ds.data.writer import convert_jsonl, convert_parquet, read_manifest, verify_shards, write_shards
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# ---- helpers --------------------------------------------------------------------------------
+def _img(seed: int, size=(12, 10)) -> Image.Image:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def _enc(im: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _sample(i: int, task="t", n_images=1) -> dict:
+    return {"key": f"s{i:04d}", "task": task, "question": f"q{i}?", "choices": ["x", "y"],
+            "answer": "AB"[i % 2], "images": [_enc(_img(1000 * i + j)) for j in range(n_images)]}
+
+
+def _dataset(tmp_path, n: int, n_shards: int, name="ds", task="t") -> str:
+    out = str(tmp_path / name)
+    size = -(-n // n_shards)
+    write_shards([_sample(i, task) for i in range(n)], out, "train", shard_size=size, progress=False)
+    assert len(read_manifest(out)["splits"]["train"]["shards"]) == n_shards
+    return out
+
+
+def _keys(batches) -> list[list[str]]:
+    return [[s.key for s in b] for b in batches]
+
+
+def _run(loader) -> list[list]:
+    return [list(b) for b in loader]
+
+
+def _raw_tar(path: str, samples: list[dict]) -> None:
+    """Write members exactly as given (no validation), like a foreign or damaged producer."""
+    with wds.TarWriter(path, encoder=False, mtime=0) as tw:
+        for s in samples:
+            tw.write(s)
+
+
+def _good_raw(key: str, seed=0, **record) -> dict:
+    rec = {"task": "t", "question": "q?", "choices": ["x", "y"], "answer": "A", **record}
+    return {"__key__": key, "json": json.dumps(rec).encode(), "0.png": _enc(_img(seed))}
+
+
+def _manifest_for(path_dir: str, names_counts: list[tuple[str, int]]) -> None:
+    with open(os.path.join(path_dir, "manifest.json"), "w") as f:
+        json.dump({"splits": {"train": {"shards": [{"name": n, "count": c} for n, c in names_counts]}}}, f)
+
+
+# ---- writer: JSONL and parquet round trips --------------------------------------------------
+def test_jsonl_roundtrip_fields_pixels_and_val_split(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    lines, originals = [], {}
+    for i in range(5):
+        names = []
+        for j in range(1 + i % 2):
+            im = _img(10 * i + j, size=(16, 12))
+            fmt, ext = ("JPEG", "jpg") if j == 0 and i % 3 == 0 else ("PNG", "png")
+            data = _enc(im, fmt)
+            (root / f"{i}_{j}.{ext}").write_bytes(data)
+            names.append(f"{i}_{j}.{ext}")
+            originals[(f"k{i}", j)] = data
+        mc = i != 4
+        lines.append({"key": f"k{i}", "task": "count" if not mc else "mc", "question": f"Q{i}",
+                      "choices": ["a", "b", "c"] if mc else [], "answer": ["(B)", "c", "A", "(C)", "3"][i],
+                      "images": names, "meta": {"i": i}})
+    jl = tmp_path / "m.jsonl"
+    jl.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    m = convert_jsonl(str(jl), str(root), str(tmp_path / "out"), val_fraction=0.4, seed=3, shard_size=2,
+                      progress=False)
+    assert m["splits"]["train"]["total"] == 3 and m["splits"]["val"]["total"] == 2
+    assert verify_shards(str(tmp_path / "out")) == []
+    m2 = convert_jsonl(str(jl), str(root), str(tmp_path / "out2"), val_fraction=0.4, seed=3, progress=False)
+    assert m2["splits"]["val"]["total"] == 2  # same seed -> same split (checked on keys below)
+
+    got = {}
+    for split in ("train", "val"):
+        for b in LivrLoader(ShardSource(str(tmp_path / "out"), split=split), batch_size=1, shuffle=False):
+            got[b[0].key] = (split, b[0])
+    assert sorted(got) == [f"k{i}" for i in range(5)]
+    val2 = {b[0].key for b in LivrLoader(ShardSource(str(tmp_path / "out2"), split="val"), batch_size=1)}
+    assert val2 == {k for k, (sp, _) in got.items() if sp == "val"}
+    for i, line in enumerate(lines):
+        s = got[f"k{i}"][1]
+        assert (s.task, s.question, s.choices, s.meta) == (line["task"], line["question"], line["choices"], {"i": i})
+        assert s.answer == ["B", "C", "A", "C", "3"][i]
+        assert len(s.images) == len(line["images"])
+        for j, im in enumerate(s.images):
+            ref = Image.open(io.BytesIO(originals[(f"k{i}", j)])).convert("RGB")
+            assert np.array_equal(np.asarray(im), np.asarray(ref))
+    # original encoded bytes are stored unchanged (no re-encode of JPEG/PNG)
+    blob = b"".join((tmp_path / "out" / s["name"]).read_bytes() for sp in m["splits"].values() for s in sp["shards"])
+    assert all(data in blob for data in originals.values())
+
+
+def test_blink_parquet_structs_and_raw_bytes(tmp_path):
+    ims = [_img(i) for i in range(5)]
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    t1 = pa.table({
+        "idx": ["val_Counting_1", "val_Jigsaw_2"],
+        "question": ["How many?", "Which patch?"],
+        "choices": [["1", "2", "3"], ["first", "second"]],
+        "answer": ["(C)", "(B)"],
+        "sub_task": ["Counting", "Jigsaw"],
+        "prompt": ["How many?\n(A) 1\n(B) 2\n(C) 3", "Which patch?\n(A) first\n(B) second"],
+        "image_1": pa.array([{"bytes": _enc(ims[0]), "path": "a.png"}, {"bytes": _enc(ims[1]), "path": "b.png"}],
+                            type=struct),
+        "image_2": pa.array([None, {"bytes": _enc(ims[2], "JPEG"), "path": "c.jpg"}], type=struct),
+        "image_3": pa.array([None, {"bytes": _enc(ims[3]), "path": "d.png"}], type=struct),
+        "image_4": pa.array([None, None], type=struct),
+    })
+    t2 = pa.table({  # raw binary image columns, no idx column
+        "question": ["Odd one?"], "choices": [["x", "y"]], "answer": ["A"], "sub_task": ["Art_Style"],
+        "image_1": pa.array([_enc(ims[4])], type=pa.binary()), "image_2": pa.array([None], type=pa.binary()),
+    })
+    pq.write_table(t1, tmp_path / "blink.parquet")
+    pq.write_table(t2, tmp_path / "raw.parquet")
+    m = convert_parquet([str(tmp_path / "blink.parquet"), str(tmp_path / "raw.parquet")], str(tmp_path / "out"),
+                        split="test", progress=False)
+    assert m["splits"]["test"]["tasks"] == {"art_style": 1, "counting": 1, "jigsaw": 1}
+    got = {s.key: s for b in LivrLoader(ShardSource(str(tmp_path / "out"), split="test"), batch_size=3) for s in b}
+    assert set(got) == {"val_Counting_1", "val_Jigsaw_2", "raw-000000"}
+    c, j, r = got["val_Counting_1"], got["val_Jigsaw_2"], got["raw-000000"]
+    assert (c.task, c.answer, c.choices, len(c.images)) == ("counting", "C", ["1", "2", "3"], 1)
+    assert c.meta["prompt"].endswith("(C) 3") and c.meta["sub_task"] == "Counting"
+    assert (j.answer, len(j.images)) == ("B", 3)
+    assert np.array_equal(np.asarray(j.images[2]), np.asarray(ims[3]))
+    assert (r.task, r.answer, len(r.images)) == ("art_style", "A", 1)
+    assert np.array_equal(np.asarray(r.images[0]), np.asarray(ims[4]))
+
+
+def test_dedup_removes_identical_pixels_even_reencoded(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(4):
+        _img(i).save(root / f"tr{i}.png")
+    _img(2).save(root / "te0.png", compress_level=0)  # same pixels as tr2, different bytes
+    _img(99).save(root / "te1.png")
+    assert (root / "te0.png").read_bytes() != (root / "tr2.png").read_bytes()
+    rec = {"task": "t", "question": "q", "choices": ["a", "b"], "answer": "A"}
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({**rec, "key": f"k{i}", "images": [f"tr{i}.png"]}) + "\n"
+                                                  for i in range(4)))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({**rec, "images": [f"te{i}.png"]}) + "\n"
+                                                 for i in range(2)))
+    m = convert_jsonl(str(tmp_path / "train.jsonl"), str(root), str(tmp_path / "out"),
+                      dedup_against=str(tmp_path / "test.jsonl"), dedup_image_root=str(root), progress=False)
+    assert m["dedup"]["removed"] == {"train": 1} and m["dedup"]["removed_keys"]["train"] == ["k2"]
+    assert m["splits"]["train"]["total"] == 3 and m["splits"]["train"]["dedup_removed"] == 1
+    keys = {s.key for b in LivrLoader(str(tmp_path / "out"), batch_size=1) for s in b}
+    assert keys == {"k0", "k1", "k3"}
+
+
+def test_writer_rejects_bad_records(tmp_path):
+    _img(0).save(tmp_path / "a.png")
+    rec = {"task": "t", "question": "q", "choices": ["a", "b"], "images": ["a.png"]}
+    cases = [({**rec, "answer": "C"}, "not among the 2 choices"), ({**rec, "answer": "A", "images": ["zz.png"]},
+             "not found"), ({**rec, "answer": "A", "images": []}, "no images"),
+             ({k: v for k, v in rec.items() if k != "question"} | {"answer": "A"}, "missing field 'question'")]
+    for i, (line, msg) in enumerate(cases):
+        jl = tmp_path / f"bad{i}.jsonl"
+        jl.write_text(json.dumps(line) + "\n")
+        with pytest.raises(DataError, match=msg) as e:
+            convert_jsonl(str(jl), str(tmp_path), str(tmp_path / f"o{i}"), progress=False)
+        assert f"bad{i}.jsonl:1" in str(e.value)
+    assert validate_record({"task": "t", "question": "q", "choices": ["a"], "answer": "(a)"}, "w")["answer"] == "A"
+
+
+# ---- reader: coverage, equal batches, order --------------------------------------------------
+@pytest.mark.parametrize("n_shards", [1, 3, 4, 7])
+def test_rank_worker_coverage_equal_batches(tmp_path, n_shards):
+    n, world, bs = 21, 2, 3
+    d = _dataset(tmp_path, n, n_shards)
+    per_rank, lens = [], []
+    for rank in range(world):
+        loader = LivrLoader(d, rank=rank, world_size=world, batch_size=bs, num_workers=2, seed=5, timeout=60)
+        batches = _run(loader)
+        assert len(batches) == len(loader) == 4 and all(len(b) == bs for b in batches)
+        lens.append(len(batches))
+        per_rank.append(batches)
+        assert loader.stats["pad"] == loader.num_padded and loader.stats["samples"] == sum(
+            not s.is_pad for b in batches for s in b)
+    assert lens[0] == lens[1]
+    flat = [s for batches in per_rank for b in batches for s in b]
+    real = Counter(s.key for s in flat if not s.is_pad)
+    assert real == Counter({f"s{i:04d}": 1 for i in range(n)})
+    pads = [s for s in flat if s.is_pad]
+    assert len(pads) == world * bs * 4 - n == 3
+    # the global order does not depend on world size or workers: rank slices of each global
+    # batch, concatenated, equal the 1-rank order with the same global batch
+    glob = [s.key for step in zip(*per_rank) for b in step for s in b]
+    one = [s.key for b in LivrLoader(d, rank=0, world_size=1, batch_size=world * bs, num_workers=0, seed=5)
+           for s in b]
+    assert glob == one
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
+def test_one_shard_sixteen_ranks_four_workers(tmp_path, caplog):
+    d = _dataset(tmp_path, 5, 1)
+    caplog.set_level(logging.WARNING)
+    seen, lens = [], set()
+    for rank in range(16):
+        loader = LivrLoader(d, rank=rank, world_size=16, batch_size=1, num_workers=0, seed=0)
+        batches = _run(loader)
+        lens.add(len(batches))
+        seen += [s for b in batches for s in b]
+    assert lens == {1}
+    assert sorted(s.key for s in seen if not s.is_pad) == [f"s{i:04d}" for i in range(5)]
+    assert sum(s.is_pad for s in seen) == 11
+    assert "16 ranks > 5 samples" in caplog.text
+    for rank in (0, 15):  # real worker processes: 3 of 4 workers have nothing to do
+        loader = LivrLoader(d, rank=rank, world_size=16, batch_size=1, num_workers=4, seed=0, timeout=60)
+        batches = _run(loader)
+        assert len(batches) == 1 and batches[0][0].is_pad == (rank >= 5)
+
+
+def test_epoch_orders_pure_function_of_seed_and_epoch(tmp_path):
+    d = _dataset(tmp_path, 24, 3)
+
+    def order(seed, epoch, nw=0):
+        loader = LivrLoader(d, batch_size=4, num_workers=nw, seed=seed, shuffle_block=8)
+        loader.set_epoch(epoch)
+        return [k for b in _keys(loader) for k in b]
+
+    e0, e1 = order(0, 0), order(0, 1)
+    assert sorted(e0) == sorted(e1) and e0 != e1
+    assert order(0, 1) == e1 and order(0, 1, nw=2) == e1 and order(1, 1) != e1
+    loader = LivrLoader(d, batch_size=4, shuffle=False)
+    assert [k for b in _keys(loader) for k in b] == [f"s{i:04d}" for i in range(24)]
+    assert loader.state_dict()["epoch"] == 1  # a finished epoch moves on
+
+
+def test_resume_mid_epoch_exact_and_skips_without_decoding(tmp_path, monkeypatch):
+    d = _dataset(tmp_path, 30, 3)
+    kw = dict(rank=1, world_size=2, batch_size=2, seed=7)
+    full = _keys(LivrLoader(d, num_workers=2, **kw))
+    assert len(full) == 8
+    loader = LivrLoader(d, num_workers=2, **kw)
+    it = iter(loader)
+    head = [[s.key for s in next(it)] for _ in range(3)]  # workers have prefetched further
+    state = loader.state_dict()
+    it.close()
+    assert state["batches_consumed"] == 3 and head == full[:3]
+    assert _keys(LivrLoader(d, num_workers=2, state=state, **kw)) == full[3:]
+
+    decoded = []
+    real_decode = reader_mod.decode_image
+    monkeypatch.setattr(reader_mod, "decode_image", lambda *a: decoded.append(a[2]) or real_decode(*a))
+    resumed = LivrLoader(d, num_workers=0, **kw)  # another worker count: same order
+    resumed.load_state_dict(state)
+    assert _keys(resumed) == full[3:]
+    assert len(decoded) == 5 * 2  # only the 5 remaining batches x 2 samples x 1 image were decoded
+
+    # another world size with the same global batch continues with exactly the unseen samples
+    g = [_keys(LivrLoader(d, rank=r, world_size=2, batch_size=2, seed=7)) for r in range(2)]
+    remaining = [k for step in zip(*g) for b in step for k in b][3 * 4:]
+    one = LivrLoader(d, rank=0, world_size=1, batch_size=4, seed=7, state=state)
+    assert [k for b in _keys(one) for k in b] == remaining
+    with pytest.raises(DataError, match="not a multiple of the new global batch"):
+        LivrLoader(d, rank=0, world_size=1, batch_size=5, seed=7, state=state)
+    with pytest.raises(DataError, match="fingerprint"):
+        LivrLoader(d, seed=8, state=state)
+
+
+def test_weighted_mixing_of_two_sources(tmp_path):
+    a = _dataset(tmp_path, 6, 2, name="a", task="ta")
+    b = _dataset(tmp_path, 10, 2, name="b", task="tb")
+    loader = LivrLoader([ShardSource(a, weight=2.0), (b, 0.5)], batch_size=1, seed=0, shuffle_block=64)
+    orders = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        samples = [s for batch in loader for s in batch]
+        assert len(samples) == len(loader) == 6 * 2 + 5
+        ca = Counter(s.key for s in samples if s.task == "ta")
+        cb = Counter(s.key for s in samples if s.task == "tb")
+        assert ca == Counter({f"s{i:04d}": 2 for i in range(6)})
+        assert len(cb) == 5 and set(cb.values()) == {1}
+        orders.append(sorted(cb))
+    assert orders[0] != orders[1]  # a different half of b each epoch
+
+
+def test_drop_last_and_zero_samples(tmp_path):
+    d = _dataset(tmp_path, 7, 2)
+    loader = LivrLoader(d, rank=1, world_size=2, batch_size=2, drop_last=True)
+    batches = _run(loader)
+    assert len(batches) == 1 and not any(s.is_pad for b in batches for s in b)
+    assert loader.layout.num_dropped == 3
+    with pytest.raises(DataError, match="drop_last"):
+        LivrLoader(d, world_size=4, batch_size=2, drop_last=True)
+    write_shards([], str(tmp_path / "empty"), "train", progress=False)
+    with pytest.raises(DataError, match="no samples"):
+        LivrLoader(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=r"no shards match .*nowhere-\{00000\.\.00003\}\.tar"):
+        LivrLoader(str(tmp_path / "nowhere-{00000..00003}.tar"))
+
+
+def test_brace_pattern_without_manifest_scans_counts(tmp_path, caplog):
+    for i in range(2):
+        _raw_tar(str(tmp_path / f"p-{i:05d}.tar"), [_good_raw(f"k{i}_{j}", seed=j) for j in range(3 + i)])
+    caplog.set_level(logging.INFO)
+    loader = LivrLoader(str(tmp_path / "p-{00000..00001}.tar"), batch_size=2)
+    assert loader.num_samples == 7 and "counting samples in 2 shard(s)" in caplog.text
+    assert sorted(s.key for b in loader for s in b if not s.is_pad) == sorted(
+        [f"k0_{j}" for j in range(3)] + [f"k1_{j}" for j in range(4)])
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def _bad_set(tmp_path, kind: str) -> tuple[str, str]:
+    """A 2-shard set (6 good samples + one damaged shard); returns (dir, damaged shard name)."""
+    d = tmp_path / kind
+    d.mkdir()
+    _raw_tar(str(d / "train-00000.tar"), [_good_raw(f"g{j}", seed=j) for j in range(6)])
+    bad = [_good_raw(f"b{j}", seed=10 + j) for j in range(4)]
+    if kind == "truncated_image":
+        bad[1]["0.png"] = bad[1]["0.png"][: len(bad[1]["0.png"]) // 2]
+    elif kind == "missing_field":
+        bad[1]["json"] = json.dumps({"task": "t", "choices": ["x"], "answer": "A"}).encode()
+    elif kind == "answer_not_in_choices":
+        bad[1]["json"] = json.dumps({"task": "t", "question": "q", "choices": ["x", "y"], "answer": "C"}).encode()
+    _raw_tar(str(d / "train-00001.tar"), bad)
+    if kind == "garbage_tar":
+        (d / "train-00001.tar").write_bytes(np.random.default_rng(0).bytes(5000))
+    elif kind == "truncated_tar":
+        data = (d / "train-00001.tar").read_bytes()
+        (d / "train-00001.tar").write_bytes(data[: 512 * 3 + 100])  # inside sample b0's image
+    _manifest_for(str(d), [("train-00000.tar", 6), ("train-00001.tar", 4)])
+    return str(d), str(d / "train-00001.tar")
+
+
+@pytest.mark.parametrize("kind,key,msg", [
+    ("truncated_image", "b1", "cannot decode image"),
+    ("missing_field", "b1", "missing field 'question'"),
+    ("answer_not_in_choices", "b1", "not among the 2 choices"),
+    ("garbage_tar", "", "corrupt or truncated tar|shard ended"),
+    ("truncated_tar", "b0", "corrupt or truncated tar"),
+])
+def test_bad_input_raise_names_shard_and_key_skip_counts(tmp_path, kind, key, msg):
+    d, shard = _bad_set(tmp_path, kind)
+    with pytest.raises(DataError, match=msg) as e:
+        _run(LivrLoader(d, batch_size=3, shuffle=False))
+    assert f"{shard}:{key}" in str(e.value)
+
+    n_bad = {"garbage_tar": 4, "truncated_tar": 4}.get(kind, 1)
+    lens, got = [], []
+    for rank in range(2):
+        loader = LivrLoader(d, rank=rank, world_size=2, batch_size=1, on_error="skip", seed=1)
+        batches = _run(loader)  # 10 samples: no padding, so every _replaces is a bad sample
+        lens.append(len(batches))
+        got += [s for b in batches for s in b]
+        assert all(len(b) == 1 for b in batches) and loader.stats["bad"] == len(loader.stats["bad_keys"])
+    assert lens[0] == lens[1] == len(loader) == 5
+    replaced = [s for s in got if "_replaces" in s.meta]
+    assert len(replaced) == n_bad and all(s.is_pad for s in replaced)
+    good = {f"g{j}" for j in range(6)} | {f"b{j}" for j in range(4)}
+    assert {s.key for s in got if not s.is_pad} <= good
+    assert len([s for s in got if not s.is_pad]) == 10 - n_bad
+
+
+def test_bad_input_raise_through_worker_processes(tmp_path):
+    d, shard = _bad_set(tmp_path, "missing_field")
+    with pytest.raises(DataError, match="missing field") as e:
+        _run(LivrLoader(d, batch_size=2, num_workers=2, shuffle=False, timeout=60))
+    assert f"{shard}:b1" in str(e.value)
+    loader = LivrLoader(d, batch_size=2, num_workers=2, on_error="skip", timeout=60)
+    assert len(_run(loader)) == 5 and loader.stats["bad"] == 1 and loader.stats["bad_keys"] == ["b1"]
+
+
+def test_shard_shorter_than_manifest(tmp_path):
+    d = tmp_path / "short"
+    d.mkdir()
+    _raw_tar(str(d / "train-00000.tar"), [_good_raw(f"g{j}") for j in range(3)])
+    _manifest_for(str(d), [("train-00000.tar", 5)])
+    with pytest.raises(DataError, match="shard ended after 3 samples"):
+        _run(LivrLoader(str(d), batch_size=5, shuffle=False))
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_members_are_never_unpickled(tmp_path):
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Exploit(str(probe))))  # the payload is live: unpickling creates the file
+    assert probe.exists()
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Exploit(str(marker)))
+    d = tmp_path / "evil"
+    d.mkdir()
+    s = _good_raw("k0", seed=3)
+    s.update({"pyd": payload, "pickle": payload, "pth": payload, "0.pyd": payload})
+    only_pickle = {"__key__": "evil", "pyd": payload}  # no declared member: not a sample at all
+    _raw_tar(str(d / "train-00000.tar"), [s, only_pickle, _good_raw("k1", seed=4)])
+    _manifest_for(str(d), [("train-00000.tar", 2)])
+    (tmp_path / "nomanifest").mkdir()
+    (tmp_path / "nomanifest/e-00000.tar").write_bytes((d / "train-00000.tar").read_bytes())
+    for src, nw in ((str(d), 0), (str(d), 2), (str(tmp_path / "nomanifest/e-{00000..00000}.tar"), 0)):
+        samples = [x for b in LivrLoader(src, batch_size=2, num_workers=nw, shuffle=False) for x in b]
+        assert [x.key for x in samples] == ["k0", "k1"] and not any(x.is_pad for x in samples)
+        assert np.array_equal(np.asarray(samples[0].images[0]), np.asarray(_img(3)))
+    assert not marker.exists()
+
+
+# ---- demo tasks -------------------------------------------------------------------------------
+def test_demo_deterministic_valid_balanced(tmp_path):
+    kw = dict(seed=3, n_train=12, n_val=0, n_test=6, image_size=64)
+    make_demo(str(tmp_path / "a"), **kw)
+    make_demo(str(tmp_path / "b"), **kw)
+    make_demo(str(tmp_path / "c"), **{**kw, "seed": 4, "n_test": 0}, tasks=["counting"])
+    files = sorted(os.path.relpath(os.path.join(r, f), tmp_path / "a") for r, _, fs in os.walk(tmp_path / "a")
+                   for f in fs)
+    assert len([f for f in files if f.endswith(".tar")]) == 8 and "manifest.json" in files
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    other_seed = (tmp_path / "c/counting/train-00000.tar").read_bytes()
+    assert (tmp_path / "a/counting/train-00000.tar").read_bytes() != other_seed
+
+    n_images = {"jigsaw": 3, "counting": 1, "localization": 1, "visual_similarity": 3}
+    for task in TASKS:
+        samples = [s for b in LivrLoader(ShardSource(str(tmp_path / "a" / task)), batch_size=4) for s in b]
+        assert len(samples) == 12 and {s.task for s in samples} == {task}
+        assert all(len(s.images) == n_images[task] and s.images[0].size == (64, 64) for s in samples)
+        answers = Counter(s.answer for s in samples)
+        if task == "counting":
+            assert answers == Counter({str(c): 2 for c in range(1, 7)}) and all(not s.choices for s in samples)
+        else:
+            assert answers == Counter({"A": 6, "B": 6})
+            assert all(s.question.endswith("(A) " + s.choices[0] + "\n(B) " + s.choices[1]) for s in samples)
+        if task == "localization":
+            for s in samples:
+                cx, cy, r = s.meta["object"]
+                right, wrong = s.meta["boxes"][ord(s.answer) - 65], s.meta["boxes"][66 - ord(s.answer)]
+                assert right[0] <= cx - r and right[2] >= cx + r and right[1] <= cy - r and right[3] >= cy + r
+                assert not (wrong[0] <= cx <= wrong[2] and wrong[1] <= cy <= wrong[3])
+    mixed = LivrLoader(str(tmp_path / "a"), batch_size=8)  # top-level manifest: all tasks mixed
+    assert mixed.num_samples == 48 and {s.task for b in mixed for s in b} == set(TASKS)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def _cli(argv):
+    p = argparse.ArgumentParser()
+    add_shards_commands(p.add_subparsers(dest="command"))
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_write_demo_verify(tmp_path, capsys):
+    _img(0).save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(
+        {"task": "t", "question": "q", "choices": ["a", "b"], "answer": "(B)", "images": ["a.png"]}) + "\n"
+        for _ in range(4)))
+    _cli(["shards", "write", "--jsonl", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"), "--shard-size", "3",
+          "--val-fraction", "0.25", "--no-progress"])
+    m = read_manifest(str(tmp_path / "o"))
+    assert (m["splits"]["train"]["total"], m["splits"]["val"]["total"]) == (3, 1)
+    _cli(["shards", "demo", "--out", str(tmp_path / "d"), "--n-train", "2", "--n-val", "0", "--n-test", "0",
+          "--tasks", "counting", "--image-size", "48", "--no-progress"])
+    assert read_manifest(str(tmp_path / "d/counting"))["splits"]["train"]["total"] == 2
+    assert _cli(["shards", "verify", str(tmp_path / "o")]) == 0
+    (tmp_path / "o/train-00000.tar").write_bytes(b"x" * 1024)
+    with pytest.raises(SystemExit):
+        _cli(["shards", "verify", str(tmp_path / "o")])
+    assert "sha256 differs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _cli(["shards", "write", "--jsonl", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x")])
+    assert e.value.code != 0
