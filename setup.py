@@ -29,7 +29,8 @@ setup(
         "tqdm>=4.66",
         "scikit-image>=0.24",  # real photos for the demo tasks, SSIM for de-duplication
         "pyarrow>=15",  # BLINK-style parquet input
-        "matplotlib>=3.8",  # attention maps
+        "matplotlib>=3.8",  # attention maps, sample grids
+        "imagehash>=4.3",  # perceptual-hash de-duplication against test sets
         "ninja",
     ],
     extras_require={

@@ -59,6 +59,9 @@ def _optional_commands():
     from .export import add_export_command
 
     yield add_export_command
+    from .builders.cli import add_data_commands
+
+    yield add_data_commands
 
 
 def main(argv: list[str] | None = None) -> int:

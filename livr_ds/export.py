@@ -14,7 +14,7 @@ import shutil
 import torch
 from peft import PeftModel
 
-from .modeling import Backbone, LivrModel
+from .modeling import Backbone, LivrModel, resize_embeddings
 from .models import get_adapter
 from .train.checkpoint import _replace_dir, _write_json_atomic, read_livr_metadata, resolve_export
 
@@ -35,7 +35,7 @@ def load_export(path: str, *, which: str = "final", device: torch.device | str =
     else:
         base = base_model or meta["base_model"]
         hf_model = adapter.load_model(base, dtype=dtype, attn_implementation=attn_backend)
-        hf_model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+        resize_embeddings(hf_model, len(processor.tokenizer))
         model = PeftModel.from_pretrained(hf_model, export_dir)
     model.eval().to(device)
     return Backbone(LivrModel(model, adapter, processor, attn_backend), processor, adapter,

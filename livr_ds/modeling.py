@@ -45,10 +45,8 @@ def add_latent_tokens(tokenizer, model, num: int, shared: bool, seed: int) -> li
     new = sorted(set(strings), key=strings.index)
     tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
     ids = tokenizer.convert_tokens_to_ids(strings)
+    resize_embeddings(model, len(tokenizer))
     embed = model.get_input_embeddings()
-    if max(ids) >= embed.weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        embed = model.get_input_embeddings()
     with torch.no_grad():
         std = embed.weight.float().std().item()
         gen = torch.Generator().manual_seed(seed)
@@ -56,6 +54,19 @@ def add_latent_tokens(tokenizer, model, num: int, shared: bool, seed: int) -> li
         rows = torch.randn(len(unique), embed.weight.shape[1], generator=gen) * std
         embed.weight[unique] = rows.to(embed.weight.dtype)
     return ids
+
+
+def resize_embeddings(model, vocab_size: int) -> None:
+    """Grow the vocabulary to `vocab_size`. New output-head rows are zero, not random: latents are
+    never generated, and a reloaded export must give the same logits as the trained model."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not model.get_input_embeddings().weight:
+        with torch.no_grad():
+            out.weight[old:] = 0
 
 
 def resolve_model_path(cfg: ExperimentConfig, adapter: BackboneAdapter) -> str:
@@ -114,8 +125,11 @@ _HF_IMPL = {"sdpa": "sdpa", "eager": "eager", "flex": "sdpa", "flash": "flash_at
 
 def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device | None = None,
                    packed: bool = False) -> Backbone:
-    """Load the backbone, add latents, freeze the vision side and wrap the LM in LoRA."""
+    """Load the backbone, add latents, freeze the vision side and wrap the LM in LoRA.
+
+    Deterministic given the config: LoRA's initialisation draws from the seeded global RNG."""
     device = device or torch.device("cpu")
+    torch.manual_seed(cfg.seed)
     adapter = get_adapter(cfg.model.family)
     path = resolve_model_path(cfg, adapter)
     backend = pick_backend(cfg.model.attn_backend, policy, packed, device)

@@ -179,3 +179,20 @@ def test_packed_rows_equal_unpacked(tiny_dirs, photos, family):
         mine = (packed["doc_ids"][0] == d) & (packed["segment_ids"][0] != segments.PAD)
         ref = unpacked["segment_ids"][row] != segments.PAD
         torch.testing.assert_close(lp[0][mine], lu[row][ref], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_changes_nothing(tiny_dirs, photos):
+    """Mirage's reproduction gap came from gradient checkpointing: same loss, same gradients."""
+    grads = []
+    for ckpt in (False, True):
+        bb = make_backbone(tiny_dirs, "qwen2_5_vl", **{"model.gradient_checkpointing": str(ckpt).lower()})
+        m = bb.model.train()
+        col = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
+        loss = m(col([sample(photos[:1]), sample(photos[1:2], "b", answer="B")]), "bottleneck")
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys() and all(g1[n] is not None for n in g1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)

@@ -165,3 +165,52 @@ def test_stage2_init_from_stage1_and_exports(tmp_path, demo_data, tiny_dirs, uni
     out, r = train(tmp_path, "stage2", demo_data, tiny_dirs["qwen2_5_vl"], stage="2", extra=["--init-from", stage1])
     assert (out / "stage2" / "DONE").exists()
     assert "initialised from" in r.stderr + r.stdout
+
+
+def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, demo_data, tiny_dirs, uninterrupted):
+    import shutil
+
+    sets = ["output.save_every_steps=2"]
+    out, r = train(tmp_path, "preempted", demo_data, tiny_dirs["qwen2_5_vl"], sets=sets,
+                   env={"LIVR_DS_FAULT": "after_step:3:TERM"})  # only rank 0 gets the signal
+    stage = out / "stage1"
+    assert r.returncode == 0 and not (stage / "DONE").exists()
+    assert "stopped on signal at step 3" in r.stderr + r.stdout
+    assert json.load(open(stage / "checkpoints" / "latest"))["tag"] == "step-00000003"
+    shutil.copytree(out, tmp_path / "other_world")
+    _, r = train(tmp_path, "preempted", demo_data, tiny_dirs["qwen2_5_vl"], sets=sets, extra=["--resume", "auto"])
+    assert curve(stage) == curve(uninterrupted / "stage1")
+    assert_same_tensors(adapter(stage), adapter(uninterrupted / "stage1"))
+    # The same checkpoint at another world size (1 rank, accumulation 2: the same global batch):
+    # weights come back, the optimizer state cannot, and the log says so.
+    _, r = train(tmp_path, "other_world", demo_data, tiny_dirs["qwen2_5_vl"], nproc=1,
+                 sets=sets + ["optim.grad_accum=2"], extra=["--resume", "auto"])
+    assert "optimizer moments and RNG re-initialised" in r.stderr + r.stdout
+    assert (tmp_path / "other_world" / "stage1" / "DONE").exists()
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, demo_data, tiny_dirs):
+    out, r = train(tmp_path, "nan", demo_data, tiny_dirs["qwen2_5_vl"], nproc=1,
+                   sets=["optim.lr=1.0e30", "optim.warmup_ratio=0.0", "output.save_every_steps=1"], check=False)
+    assert r.returncode == 3
+    assert "non-finite loss" in r.stderr
+    ckpts = out / "stage1" / "checkpoints"
+    assert (ckpts / "latest").exists() and not (out / "stage1" / "DONE").exists()
+
+
+def test_ds_config_auto_fields_and_inconsistent_batches(tmp_path):
+    from livr_ds.config import ConfigError, load_config
+    from livr_ds.train.ds_config import build_ds_config
+
+    cfg = load_config(None, ["optim.micro_batch_size=2", "optim.grad_accum=4", "optim.lr=3e-4"])
+    ds = build_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"), cfg, world_size=2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 4)
+    assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["bf16"]["enabled"] is False
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match=r"inconsistent batch sizes: train_batch_size=32 .* = 16"):
+        build_ds_config(str(bad), cfg, world_size=2)
+    clash = tmp_path / "clash.json"
+    clash.write_text(json.dumps({"gradient_accumulation_steps": 2}))
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps = 2 in the DeepSpeed config"):
+        build_ds_config(str(clash), cfg, world_size=2)

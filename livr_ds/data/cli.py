@@ -1,4 +1,4 @@
-"""`shards` subcommands: write, demo, verify.
+"""`shards` subcommands: write, demo, verify, show.
 
 The package CLI registers them with ``add_shards_commands(subparsers)``; for a quick run alone:
 
@@ -57,6 +57,13 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _show(args: argparse.Namespace) -> int:
+    from ..builders.show import show
+
+    print(show(args.dir, args.out, n=args.n, split=args.split))
+    return 0
+
+
 def _run(fn):
     def run(args):
         try:
@@ -71,9 +78,9 @@ def _run(fn):
 
 
 def add_shards_commands(subparsers) -> argparse.ArgumentParser:
-    """Register ``shards {write,demo,verify}`` on an ``add_subparsers()`` object."""
+    """Register ``shards {write,demo,verify,show}`` on an ``add_subparsers()`` object."""
     shards = subparsers.add_parser("shards", help="write, generate and check webdataset shards")
-    sub = shards.add_subparsers(dest="shards_command", metavar="{write,demo,verify}")
+    sub = shards.add_subparsers(dest="shards_command", metavar="{write,demo,verify,show}")
     sub.required = True
 
     w = sub.add_parser("write", help="convert a JSONL manifest or BLINK-style parquet to shards")
@@ -109,4 +116,11 @@ def add_shards_commands(subparsers) -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a shard folder's sha256 sums and sample counts")
     v.add_argument("dir")
     v.set_defaults(func=_run(_verify))
+
+    sh = sub.add_parser("show", help="render samples with their question and answer to a PNG grid")
+    sh.add_argument("dir", help="shard folder (with manifest.json)")
+    sh.add_argument("--n", type=int, default=8, help="number of samples (default: 8)")
+    sh.add_argument("--split", default="train")
+    sh.add_argument("--out", required=True, help="output image, e.g. grid.png")
+    sh.set_defaults(func=_run(_show))
     return shards

@@ -125,6 +125,11 @@ class BackboneAdapter:
         config = self.tiny_config(len(tok), special)
         torch.manual_seed(seed)
         model = self.model_class(config)
+        with torch.no_grad():
+            # A trained output head maps hidden states to confident logits; a random one at the
+            # default 0.02 caps them near +-1.3 (hidden 64), so a LoRA-only demo could never fit
+            # an answer. Give the frozen head the scale of a trained one.
+            model.get_output_embeddings().weight.normal_(0.0, 0.15)
         os.makedirs(out_dir, exist_ok=True)
         model.save_pretrained(out_dir)
         # The processor itself is rebuilt by load_processor; its parts are what a checkpoint ships.

@@ -31,19 +31,21 @@ from . import distributed as dist
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-FAULT_ENV = "LIVR_DS_FAULT"  # test hook: "<point>[:<n>]" kills rank 0 the n-th time it passes <point>
+# Test hook: "<point>:<n>[:<SIGNAL>]" sends rank 0 the signal (default KILL) the n-th time it
+# passes <point>. Lets tests kill or preempt a real run at an exact place.
+FAULT_ENV = "LIVR_DS_FAULT"
 _fault_hits: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec or spec.split(":")[0] != name or not dist.is_main():
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if spec[0] != name or not dist.is_main():
         return
     _fault_hits[name] = _fault_hits.get(name, 0) + 1
-    nth = int(spec.split(":")[1]) if ":" in spec else 1
-    if _fault_hits[name] == nth:
-        log.error("fault injected: SIGKILL at %s (%s=%s)", name, FAULT_ENV, spec)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _fault_hits[name] == (int(spec[1]) if len(spec) > 1 else 1):
+        sig = getattr(signal, "SIG" + (spec[2] if len(spec) > 2 else "KILL"))
+        log.error("fault injected: %s at %s (%s)", sig.name, name, ":".join(spec))
+        os.kill(os.getpid(), sig)
 
 
 def _write_json_atomic(path: str, obj) -> None:
