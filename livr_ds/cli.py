@@ -62,6 +62,9 @@ def _optional_commands():
     from .builders.cli import add_data_commands
 
     yield add_data_commands
+    from .bench import add_bench_command
+
+    yield add_bench_command
 
 
 def main(argv: list[str] | None = None) -> int:

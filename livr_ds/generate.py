@@ -28,7 +28,9 @@ def greedy_answers(model, collator, samples, policy: str, max_new_tokens: int = 
     encoded = [collator.encode(s) for s in samples]
     generated: list[list[int]] = [[] for _ in encoded]
     done = [False] * len(encoded)
-    banned = sorted(set(collator.latent_ids))
+    # Latents are never generated, nor image/video placeholders or any other special token
+    # (an image token in the answer would make the model look for an image that is not there).
+    banned = sorted((set(collator.latent_ids) | set(tokenizer.all_special_ids)) - {collator.eos_id})
     for _ in range(max_new_tokens):
         rows = [
             dataclasses.replace(e, input_ids=e.input_ids + g, segment_ids=e.segment_ids + [segments.ANSWER] * len(g))
@@ -38,8 +40,7 @@ def greedy_answers(model, collator, samples, policy: str, max_new_tokens: int = 
         logits = model.logits(batch, policy)
         last = torch.tensor([len(r.input_ids) - 1 for r in rows], device=device)
         next_logits = logits[torch.arange(len(rows), device=device), last]
-        if banned:  # latents are never generated
-            next_logits[:, banned] = float("-inf")
+        next_logits[:, banned] = float("-inf")
         next_ids = next_logits.argmax(-1).tolist()
         for i, tok in enumerate(next_ids):
             if done[i]:

@@ -77,15 +77,20 @@ def resolve_model_path(cfg: ExperimentConfig, adapter: BackboneAdapter) -> str:
             raise ValueError("model.path is empty: give a local checkpoint directory or tiny:<dir>")
         return path
     target = os.path.abspath(path[len(TINY_PREFIX):])
-    if not os.path.exists(os.path.join(target, "livr_tiny.json")):
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    # One writer (save_pretrained skips the weights on non-main ranks), then everyone reads.
+    if (not distributed or torch.distributed.get_rank() == 0) and not os.path.exists(
+            os.path.join(target, "livr_tiny.json")):
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
         adapter.write_tiny(tmp, seed=0)
         try:
             os.rename(tmp, target)
-        except OSError:  # another rank won the race; its copy is identical
+        except OSError:  # another job wrote it first; its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
+    if distributed:
+        torch.distributed.barrier()
     return target
 
 

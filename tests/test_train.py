@@ -3,6 +3,7 @@ Qwen2.5-VL, demo shards. Each test launches `torchrun ... launch/train.py` like 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -192,7 +193,8 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes(tmp_path, demo_data, tiny_d
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path, demo_data, tiny_dirs):
     out, r = train(tmp_path, "nan", demo_data, tiny_dirs["qwen2_5_vl"], nproc=1,
                    sets=["optim.lr=1.0e30", "optim.warmup_ratio=0.0", "output.save_every_steps=1"], check=False)
-    assert r.returncode == 3
+    assert r.returncode != 0
+    assert re.search(r"exitcode\s*:\s*3", r.stderr)  # the trainer's own exit code, via torchrun
     assert "non-finite loss" in r.stderr
     ckpts = out / "stage1" / "checkpoints"
     assert (ckpts / "latest").exists() and not (out / "stage1" / "DONE").exists()

@@ -381,6 +381,16 @@ class Layout:
 
 
 # ---- the per-epoch dataset run in each worker -----------------------------------------------
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave stop signals to the trainer. SLURM signals every process of a job step;
+    torch's worker SIGTERM handler would kill the worker, and the rank would die before it
+    could write its resume checkpoint."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _identity(x):
     return x
 
@@ -633,6 +643,8 @@ class LivrLoader:
             # RNG, and a resumed run (which builds its iterator at a different point) would then
             # see different dropout masks than the uninterrupted one.
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            if self.num_workers > 0:
+                kw["worker_init_fn"] = _ignore_stop_signals
             dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             timeout=self.timeout, generator=gen, **kw)
             expected = start

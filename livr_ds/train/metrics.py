@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +55,21 @@ class MetricsLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class Window:
+    """Sums over the micro-batches since the last log line (this rank's share)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.n, self.samples, self.tokens, self.pad_fraction = 0.0, 0, 0, 0, 0.0
+        self.start = time.time()
+
+    def add(self, loss: float, meta: dict) -> None:
+        self.loss += loss
+        self.n += 1
+        self.samples += len(meta["keys"]) - sum(meta["pad"])
+        self.tokens += meta["tokens"]
+        self.pad_fraction += meta["pad_fraction"]

@@ -8,6 +8,7 @@ from Stage 1's export with `--init-from` and a fresh optimizer and schedule.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from ..modeling import build_backbone
 from . import checkpoint
 from . import distributed as dist
 from .ds_config import build_ds_config
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, Window
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,7 @@ class Trainer:
             lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, self.total_steps),
         )
         self.state = {"epoch": 0, "global_step": 0, "best_val": None,
-                      "best_epoch": None, "wandb_id": None, "world_size": dist.world_size(),
-                      "samples_seen": 0, "pad_samples": 0}
+                      "best_epoch": None, "wandb_id": None, "world_size": dist.world_size()}
         self._maybe_resume(resume)
         self.metrics = MetricsLogger(self.out, cfg.logging.wandb, cfg.logging.project,
                                      f"{cfg.name}-stage{cfg.stage}", cfg.to_dict(), self.state["wandb_id"],
@@ -133,8 +133,6 @@ class Trainer:
             with open(os.path.join(self.out, "config.yaml"), "w") as f:
                 yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
             with open(os.path.join(self.out, "ds_config.json"), "w") as f:
-                import json
-
                 json.dump(ds, f, indent=1)
 
     def _on_signal(self, signum, frame) -> None:
@@ -154,19 +152,12 @@ class Trainer:
         done = st["epoch"] * len(self.loader) + self.loader.state_dict()["batches_consumed"]
         bar = tqdm(total=self.epochs * len(self.loader), initial=done,
                    disable=not (dist.is_main() and cfg.logging.progress_bar), desc=f"stage {cfg.stage}", unit="batch")
-        window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "pad_fraction": 0.0, "t": time.time()}
+        window = Window()
         while st["epoch"] < self.epochs:
             self.loader.set_epoch(st["epoch"])  # keeps a resumed mid-epoch position
             for batch in self.loader:
-                loss = self._micro_step(batch)
+                window.add(self._micro_step(batch), batch["meta"])
                 bar.update(1)
-                meta = batch["meta"]
-                window["loss"] += loss
-                window["n"] += 1
-                window["samples"] += len(meta["keys"]) - sum(meta["pad"])
-                window["tokens"] += meta["tokens"]
-                window["pad_fraction"] += meta["pad_fraction"]
-                st["pad_samples"] += sum(meta["pad"])
                 if self.engine.micro_steps % cfg.optim.grad_accum:
                     continue  # mid-accumulation: the optimizer has not stepped
                 st["global_step"] = self.engine.global_steps
@@ -206,19 +197,19 @@ class Trainer:
         self.engine.step()
         return loss.item()
 
-    def _log(self, window: dict) -> None:
-        elapsed = max(time.time() - window["t"], 1e-9)
-        loss_sum, n, samples, tokens = dist.all_sum([window["loss"], window["n"], window["samples"], window["tokens"]])
+    def _log(self, window: Window) -> None:
+        elapsed = max(time.time() - window.start, 1e-9)
+        loss_sum, n, samples, tokens = dist.all_sum([window.loss, window.n, window.samples, window.tokens])
         grad_norm = self.engine.get_global_grad_norm()
         record = {
             "step": self.state["global_step"], "epoch": self.state["epoch"], "stage": self.cfg.stage,
             "loss": loss_sum / max(n, 1), "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
-            "pad_fraction": window["pad_fraction"] / max(window["n"], 1),
+            "pad_fraction": window.pad_fraction / max(window.n, 1),
         }
         self.metrics.log(record)
-        window.update(loss=0.0, n=0, samples=0, tokens=0, pad_fraction=0.0, t=time.time())
+        window.reset()
 
     def _end_of_epoch(self) -> None:
         st = self.state

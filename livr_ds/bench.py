@@ -1,0 +1,236 @@
+"""`livr-ds bench`: measured ratios, printed as a table and written as JSON (not timed tests).
+
+Benchmarks (each compares two things in the same process, same batch, interleaved repeats):
+- stage:    train-step time, Stage 1 (bottleneck mask) vs Stage 2 (standard), per attention backend
+- mask:     construction time and bytes, dense bool mask vs flex BlockMask, L = 1k, 4k, 16k
+- packing:  real-token fraction and tokens/s, packed vs padded rows, on the demo multi-task mix
+- loader:   loader samples/s (decode + processor, per worker count) vs what a train step consumes
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _timeit(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Median time of each fn, calls interleaved so drift in machine load hits all alike."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _backbone(model_path: str, family: str, backend: str, k: int):
+    from .config import load_config
+    from .modeling import build_backbone
+
+    cfg = load_config(None, [f"model.family={family}", f"model.path={model_path}", f"latents.num={k}",
+                             f"model.attn_backend={backend}", "lora.dropout=0.0"])
+    return build_backbone(cfg, policy="bottleneck")
+
+
+def _demo_samples(data_dir: str, n: int):
+    from .data.reader import LivrLoader, ShardSource
+
+    loader = LivrLoader([ShardSource(data_dir)], 0, 1, batch_size=n, seed=0)
+    return next(iter(loader))
+
+
+def bench_stage(model_path, family, data_dir, batch_size=8, repeats=10, backends=("sdpa", "eager")):
+    from .data.collate import LivrCollator
+
+    rows = []
+    samples = _demo_samples(data_dir, batch_size)
+    for backend in backends:
+        bb = _backbone(model_path, family, backend, 4)
+        batch = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)(samples)
+        model = bb.model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+        def step(policy):
+            def run():
+                opt.zero_grad(set_to_none=True)
+                model(batch, policy).backward()
+                opt.step()
+            return run
+
+        t = _interleaved({"stage1": step("bottleneck"), "stage2": step("standard")}, repeats)
+        rows.append({"backend": backend, "stage1_s": t["stage1"], "stage2_s": t["stage2"],
+                     "ratio": t["stage1"] / t["stage2"], "tokens": int(batch["input_ids"].numel())})
+    return rows
+
+
+def bench_mask(lengths=(1024, 4096, 16384), repeats=3):
+    from . import segments
+
+    rows = []
+    for L in lengths:
+        seg = torch.full((1, L), segments.PROMPT)
+        seg[0, 16:16 + L // 2] = segments.IMAGE
+        seg[0, -64:-16] = segments.LATENT
+        seg[0, -16:] = segments.ANSWER
+        doc = torch.zeros_like(seg)
+        dense_s = _timeit(lambda: segments.dense_mask(seg, doc, "bottleneck"), repeats)
+        dense_bytes = segments.dense_mask(seg, doc, "bottleneck").element_size() * L * L
+        row = {"L": L, "dense_s": dense_s, "dense_bytes": dense_bytes,
+               "additive_fp32_bytes": 4 * L * L}
+        try:
+            bm = segments.block_mask(seg, doc, "bottleneck")
+            row["flex_s"] = _timeit(lambda: segments.block_mask(seg, doc, "bottleneck"), repeats)
+            row["flex_bytes"] = sum(t.numel() * t.element_size() for t in bm.as_tuple() if torch.is_tensor(t))
+        except (RuntimeError, MemoryError) as e:  # uncompiled create_block_mask materialises L x L
+            row["flex_error"] = str(e)[:200]
+        rows.append(row)
+    return rows
+
+
+def bench_packing(model_path, family, data_dir, batch_size=16, repeats=5, max_tokens=1024):
+    from .data.collate import LivrCollator
+
+    bb = _backbone(model_path, family, "sdpa", 4)
+    samples = _demo_samples(data_dir, batch_size)
+    model = bb.model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    batches = {
+        "padded": LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens)(samples),
+        "packed": LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens, packing=True)(samples),
+    }
+
+    def step(batch):
+        def run():
+            opt.zero_grad(set_to_none=True)
+            model(batch, "bottleneck").backward()
+            opt.step()
+        return run
+
+    t = _interleaved({k: step(b) for k, b in batches.items()}, repeats)
+    rows = []
+    for k, b in batches.items():
+        real = b["meta"]["tokens"]
+        rows.append({"layout": k, "rows": b["input_ids"].shape[0], "row_len": b["input_ids"].shape[1],
+                     "real_token_fraction": real / b["input_ids"].numel(), "step_s": t[k],
+                     "real_tokens_per_s": real / t[k]})
+    return rows
+
+
+def bench_loader(model_path, family, data_dir, batch_size=8, batches=12, workers=(0, 1, 2)):
+    from .data.collate import LivrCollator
+    from .data.reader import LivrLoader, ShardSource
+
+    bb = _backbone(model_path, family, "sdpa", 4)
+    collator = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
+    rows = []
+    for w in workers:
+        loader = LivrLoader([ShardSource(data_dir)], 0, 1, batch_size=batch_size, num_workers=w, seed=0,
+                            collate_fn=collator)
+        it = iter(loader)
+        next(it)  # worker start-up is paid once per epoch, not per sample
+        t = time.perf_counter()
+        n = 0
+        for _ in range(batches):
+            try:
+                n += len(next(it)["meta"]["keys"])
+            except StopIteration:
+                break
+        rows.append({"num_workers": w, "samples_per_s": n / (time.perf_counter() - t)})
+    return rows
+
+
+def run_all(out: str, model_path: str | None, family: str, data_dir: str | None, only=None, repeats=10) -> dict:
+    from .data.demo import make_demo
+    from .models import get_adapter
+
+    tmp = tempfile.mkdtemp(prefix="livr-bench-")
+    model_path = model_path or get_adapter(family).write_tiny(os.path.join(tmp, "tiny"))
+    if data_dir is None:
+        data_dir = os.path.join(tmp, "demo")
+        make_demo(data_dir, seed=0, n_train=32, n_val=4, n_test=4)
+    torch.manual_seed(0)
+    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+              "model": model_path, "family": family}
+    todo = only or ["stage", "mask", "packing", "loader"]
+    if "stage" in todo:
+        result["stage"] = bench_stage(model_path, family, data_dir, repeats=repeats)
+    if "mask" in todo:
+        result["mask"] = bench_mask()
+    if "packing" in todo:
+        result["packing"] = bench_packing(model_path, family, data_dir, repeats=max(3, repeats // 2))
+    if "loader" in todo:
+        result["loader"] = bench_loader(model_path, family, data_dir)
+        if "stage" in result:
+            step = min(r["stage1_s"] for r in result["stage"])
+            result["loader_vs_consumption"] = {"train_samples_per_s": 8 / step,
+                                               "best_loader_samples_per_s": max(r["samples_per_s"] for r in result["loader"])}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def format_tables(result: dict) -> str:
+    lines = []
+
+    def table(title, rows):
+        if not rows:
+            return
+        keys = list(rows[0].keys())
+        lines.append(f"\n### {title}\n")
+        lines.append("| " + " | ".join(keys) + " |")
+        lines.append("|" + "---|" * len(keys))
+        for r in rows:
+            lines.append("| " + " | ".join(f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+                                           for k in keys) + " |")
+
+    table("Train step: Stage 1 (bottleneck) vs Stage 2 (standard)", result.get("stage"))
+    table("Mask construction (bottleneck, B = 1)", result.get("mask"))
+    table("Packed vs padded rows", result.get("packing"))
+    table("Loader throughput (decode + processor + collate)", result.get("loader"))
+    if "loader_vs_consumption" in result:
+        lc = result["loader_vs_consumption"]
+        lines.append(f"\nloader / training consumption: {lc['best_loader_samples_per_s'] / lc['train_samples_per_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def _bench_cmd(args) -> int:
+    result = run_all(args.out, args.model_path, args.family, args.data, args.only, args.repeats)
+    print(format_tables(result))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def add_bench_command(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark masks, stages, packing and the loader (prints ratios)")
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--model-path", default=None, help="a local checkpoint (default: a tiny random one)")
+    p.add_argument("--family", default="qwen2_5_vl")
+    p.add_argument("--data", default=None, help="shard dir (default: a small demo set)")
+    p.add_argument("--only", nargs="+", choices=["stage", "mask", "packing", "loader"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.set_defaults(func=_bench_cmd)

@@ -1,0 +1,392 @@
+"""A throw-away one-node SLURM cluster on this host, for tests of the slurm/ scripts.
+
+    cluster = SlurmCluster.start()          # munged + slurmctld + slurmd, node idle
+    job = cluster.sbatch(["--wrap", "srun hostname"])
+    cluster.wait_job(job, timeout=60)       # -> final job record (JobState, StartTime, ...)
+    cluster.stop()
+
+Everything lives under one private directory (/tmp/livr-ds-slurm-XXXX): slurm.conf, the munge
+key and socket, spool and state directories, pid and log files. Clients find the cluster through
+the ``SLURM_CONF`` environment variable (``cluster.env``), so nothing global (/etc/slurm,
+/run/munge, the default ports) is touched and a system SLURM, if any, is left alone. Several
+sessions can run side by side; a session that died without tearing down is cleaned up by the
+next one (its daemons and job processes are found by pid file and by the SLURM_CONF in their
+environment, never by process name).
+
+Needs root (slurmd must start job processes) and the Debian packages slurm-wlm + munge;
+``.ci/setup_slurm.sh`` installs them. ``unavailable_reason()`` says why a cluster cannot start.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETUP_SCRIPT = os.path.join(REPO, ".ci", "setup_slurm.sh")
+PREFIX = "livr-ds-slurm-"
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in BINARIES if _which(b) is None]
+
+
+def unavailable_reason(install: bool = True) -> str | None:
+    """None when a cluster can be started here, else why not. Installs the packages if allowed."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return "the SLURM tests start munged/slurmctld/slurmd and need root"
+    if missing_binaries() and install and os.path.exists(SETUP_SCRIPT):
+        proc = subprocess.run(["bash", SETUP_SCRIPT], capture_output=True, text=True, timeout=600)
+        if proc.returncode:
+            return f"slurm-wlm/munge are missing and {SETUP_SCRIPT} failed: {proc.stderr.strip()[-500:]}"
+    missing = missing_binaries()
+    if missing:
+        return f"SLURM/munge binaries not installed: {', '.join(missing)} (apt-get install slurm-wlm munge)"
+    return None
+
+
+# ---- process helpers --------------------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is as good as dead
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _environ_has(pid: int, entry: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return entry in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _pids_with_env(entry: str) -> list[int]:
+    """Processes whose environment holds `entry` (e.g. SLURM_CONF=/tmp/livr-ds-slurm-x/slurm.conf):
+    the daemons and every job process of one cluster, and nothing else."""
+    me = {os.getpid(), os.getppid()}
+    raw = entry.encode()
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in me and _environ_has(int(p), raw)]
+
+
+def _kill(pids: list[int], wait: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after `wait` seconds, each pid by id."""
+    pids = [p for p in pids if _alive(p)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while time.time() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        pids = [p for p in pids if _alive(p)]
+        if not pids:
+            return
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def cleanup_stale(tmp: str | None = None) -> list[str]:
+    """Tear down clusters left behind by sessions that no longer run. Returns the dirs removed."""
+    removed = []
+    for root in glob.glob(os.path.join(tmp or tempfile.gettempdir(), PREFIX + "*")):
+        owner = _read_pid(os.path.join(root, "owner.pid"))
+        if owner and _alive(owner):
+            continue  # a live session's cluster
+        _teardown_dir(root)
+        removed.append(root)
+    return removed
+
+
+def _teardown_dir(root: str) -> None:
+    conf = os.path.join(root, "slurm.conf")
+    pids = [_read_pid(os.path.join(root, f"{d}.pid")) for d in ("slurmctld", "slurmd", "munged")]
+    pids = [p for p in pids if p and _alive(p) and _environ_has(p, f"SLURM_CONF={conf}".encode())]
+    # Job processes first (they carry SLURM_CONF too), then the daemons.
+    strays = [p for p in _pids_with_env(f"SLURM_CONF={conf}") if p not in pids]
+    _kill(strays, wait=3)
+    _kill(pids, wait=5)
+    _kill(_pids_with_env(f"SLURM_CONF={conf}"), wait=2)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- the cluster ------------------------------------------------------------------------------
+
+def _node_line(host: str) -> str:
+    """slurmd -C's view of this machine, so the node config matches what slurmd detects."""
+    out = subprocess.run([_which("slurmd"), "-C"], capture_output=True, text=True, timeout=30).stdout
+    line = next((ln for ln in out.splitlines() if ln.startswith("NodeName=")), "")
+    fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+    cpus = fields.get("CPUs", str(os.cpu_count() or 1))
+    mem = int(fields.get("RealMemory", "1024"))
+    keep = " ".join(f"{k}={fields[k]}" for k in ("Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
+                    if k in fields)
+    # A little less memory than detected, so slurmd never finds "less than configured".
+    return f"NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} {keep} RealMemory={max(mem - 256, 256)} State=UNKNOWN"
+
+
+class SlurmCluster:
+    def __init__(self, root: str):
+        self.root = root
+        self.conf = os.path.join(root, "slurm.conf")
+        self.host = socket.gethostname().split(".")[0]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, "SLURM_CONF": self.conf}
+        for var in [k for k in self.env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
+            if var != "SLURM_CONF":  # running inside a real allocation must not leak into this one
+                del self.env[var]
+
+    # ---- lifecycle --------------------------------------------------------------------
+    @classmethod
+    def start(cls, timeout: float = 60.0, tmp: str | None = None, cred_expire: int = 5) -> "SlurmCluster":
+        reason = unavailable_reason()
+        if reason:
+            raise ClusterError(reason)
+        cleanup_stale(tmp)
+        root = tempfile.mkdtemp(prefix=PREFIX, dir=tmp)
+        os.chmod(root, 0o755)  # job steps run as root, but slurmstepd checks the spool path
+        with open(os.path.join(root, "owner.pid"), "w") as f:
+            f.write(f"{os.getpid()}\n")
+        cluster = cls(root)
+        try:
+            cluster._write_config(cred_expire)
+            cluster._start_daemons(timeout)
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    def _write_config(self, cred_expire: int) -> None:
+        r = self.root
+        for d in ("state", "spool", "log", "munge"):
+            os.makedirs(os.path.join(r, d), exist_ok=True)
+        os.chmod(os.path.join(r, "munge"), 0o700)
+        key = os.path.join(r, "munge", "munge.key")
+        with open(key, "wb") as f:
+            f.write(os.urandom(1024))
+        os.chmod(key, 0o400)
+        self.munge_socket = os.path.join(r, "munge", "munge.socket")
+        ctld_port, d_port = _free_ports(2)
+        lines = f"""
+            ClusterName=livrtest
+            SlurmctldHost={self.host}(127.0.0.1)
+            SlurmctldPort={ctld_port}
+            SlurmdPort={d_port}
+            SlurmUser=root
+            SlurmdUser=root
+            AuthType=auth/munge
+            CredType=cred/munge
+            # cred_expire is also how long a requeued job waits before it may start again
+            # (120 s by default); short here so the requeue test is quick.
+            AuthInfo=socket={self.munge_socket},cred_expire={cred_expire}
+            StateSaveLocation={r}/state
+            SlurmdSpoolDir={r}/spool
+            SlurmctldPidFile={r}/slurmctld.pid
+            SlurmdPidFile={r}/slurmd.pid
+            SlurmctldLogFile={r}/log/slurmctld.log
+            SlurmdLogFile={r}/log/slurmd.log
+            SlurmctldDebug=info
+            SlurmdDebug=info
+            ProctrackType=proctrack/linuxproc
+            TaskPlugin=task/none
+            SelectType=select/cons_tres
+            SelectTypeParameters=CR_CPU
+            SchedulerType=sched/backfill
+            SchedulerParameters=sched_interval=2
+            MpiDefault=none
+            SwitchType=switch/none
+            AccountingStorageType=accounting_storage/none
+            JobAcctGatherType=jobacct_gather/none
+            JobCompType=jobcomp/filetxt
+            JobCompLoc={r}/log/jobcomp.txt
+            JobRequeue=1
+            ReturnToService=2
+            KillWait=10
+            MinJobAge=120
+            SlurmctldTimeout=30
+            SlurmdTimeout=60
+            InactiveLimit=0
+            Waittime=0
+            {_node_line(self.host)}
+            PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+        """
+        with open(self.conf, "w") as f:
+            f.write("\n".join(ln.strip() for ln in lines.strip().splitlines()) + "\n")
+        # A cgroup-less setup: the plugins above never read cgroup.conf, but an empty one stops
+        # slurmd from probing the host's cgroup mounts.
+        with open(os.path.join(r, "cgroup.conf"), "w") as f:
+            f.write("CgroupPlugin=disabled\n" if _slurm_version() >= (22, 5) else "")
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(os.path.join(self.root, "log", f"{name}.out"), "ab")
+        self.procs[name] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root)
+        log.close()
+        with open(os.path.join(self.root, f"{name}.pid"), "w") as f:  # for cleanup_stale
+            f.write(f"{self.procs[name].pid}\n")
+
+    def _start_daemons(self, timeout: float) -> None:
+        r = self.root
+        self._spawn("munged", [_which("munged"), "-F", "--force", f"--socket={self.munge_socket}",
+                               f"--key-file={r}/munge/munge.key", f"--pid-file={r}/munge/munged.pid",
+                               f"--log-file={r}/log/munged.log", f"--seed-file={r}/munge/munged.seed"])
+        self._wait(lambda: os.path.exists(self.munge_socket), 15, "munged to create its socket", "munged")
+        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-i", "-f", self.conf])
+        self._wait(lambda: self.run(["scontrol", "ping"], check=False).stdout.count("UP") > 0, 30,
+                   "slurmctld to answer `scontrol ping`", "slurmctld")
+        self._spawn("slurmd", [_which("slurmd"), "-D", "-f", self.conf, "-N", self.host])
+        self._wait(lambda: self.node_state() == "idle", timeout, f"node {self.host} to be idle in sinfo", "slurmd")
+
+    def _wait(self, ok, timeout: float, what: str, daemon: str) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if ok():
+                return
+            proc = self.procs.get(daemon)
+            if proc is not None and proc.poll() is not None:
+                raise ClusterError(f"{daemon} exited with {proc.returncode} while waiting for {what}:\n"
+                                   + self.logs(daemon))
+            time.sleep(0.3)
+        raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}; node state "
+                           f"{self.node_state()!r}:\n{self.logs(daemon)}")
+
+    def logs(self, *daemons: str, tail: int = 40) -> str:
+        out = []
+        for d in daemons or ("munged", "slurmctld", "slurmd"):
+            for path in (os.path.join(self.root, "log", f"{d}.log"), os.path.join(self.root, "log", f"{d}.out")):
+                if os.path.exists(path):
+                    with open(path, errors="replace") as f:
+                        lines = f.read().splitlines()[-tail:]
+                    out.append(f"--- {path}\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        """Cancel every job, stop the daemons, kill stragglers, remove the directory."""
+        if os.path.exists(self.conf) and self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
+            self.run(["scancel", "--full", "--signal=KILL", "--user=root"], check=False, timeout=15)
+            self.run(["scancel", "--user=root"], check=False, timeout=15)
+            deadline = time.time() + 15
+            while time.time() < deadline and self.run(["squeue", "-h", "-t", "R,CG,PD"], check=False,
+                                                       timeout=10).stdout.strip():
+                time.sleep(0.5)
+        for name in ("slurmd", "slurmctld", "munged"):  # by the pids we started
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                _kill([proc.pid], wait=8)
+                proc.wait(timeout=5)
+        _teardown_dir(self.root)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ---- clients ----------------------------------------------------------------------
+    def run(self, argv: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        env = {**self.env, **kw.pop("env", {})}
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+        if check and proc.returncode:
+            raise ClusterError(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def node_state(self) -> str:
+        try:
+            out = self.run(["sinfo", "-h", "-N", "-o", "%T", "-n", self.host], check=False, timeout=10).stdout
+        except subprocess.TimeoutExpired:
+            return "timeout"
+        return out.strip().rstrip("*~#!%$@^-")
+
+    def sbatch(self, args: list[str], **kw) -> int:
+        out = self.run(["sbatch", "--parsable", *args], **kw).stdout.strip()
+        return int(out.split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """`scontrol show job` as a dict ({} once the job has aged out of the controller)."""
+        proc = self.run(["scontrol", "show", "job", "-o", str(job_id)], check=False, timeout=10)
+        return _fields(proc.stdout) if proc.returncode == 0 else {}
+
+    def completions(self, job_id: int | None = None) -> list[dict[str, str]]:
+        """Job completion records (jobcomp/filetxt): one per finished run, requeues included."""
+        path = os.path.join(self.root, "log", "jobcomp.txt")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            recs = [_fields(ln) for ln in f if ln.strip()]
+        return [r for r in recs if job_id is None or r.get("JobId") == str(job_id)]
+
+    def wait_job(self, job_id: int, timeout: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                                            "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")) -> dict:
+        """Wait until the job reaches one of `states`; returns its scontrol record."""
+        deadline = time.time() + timeout
+        info: dict = {}
+        while time.time() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in states:
+                return info
+            if not info:  # aged out: the completion log has the final state
+                done = self.completions(job_id)
+                if done and done[-1].get("JobState") in states:
+                    return done[-1]
+            time.sleep(1)
+        raise ClusterError(f"job {job_id} not in {states} after {timeout:.0f}s: {info}\n"
+                           f"{self.run(['squeue'], check=False).stdout}\n{self.logs('slurmctld', tail=15)}")
+
+
+def _fields(line: str) -> dict[str, str]:
+    """KEY=VALUE pairs of one scontrol -o / jobcomp line (values may not contain spaces here)."""
+    return dict(m.groups() for m in re.finditer(r"(\w[\w:/]*)=(\S*)", line))
+
+
+def _slurm_version() -> tuple[int, int]:
+    try:
+        out = subprocess.run([_which("sbatch"), "--version"], capture_output=True, text=True, timeout=10).stdout
+        major, minor = re.search(r"(\d+)\.(\d+)", out).groups()
+        return int(major), int(minor)
+    except Exception:
+        return (0, 0)
