@@ -165,7 +165,7 @@ def test_coco_dedup_removes_near_duplicate(src, tmp_path):
     build_task("localization", base, source=src["coco"], seed=42, n_train=6, n_val=3)
     first = read_split(base, "train")[0]["meta"]["image_id"]
     dup = near_duplicate(_coco_image(src, f"{first:012d}.jpg"))
-    test = blink_parquet(str(tmp_path / "BLINK" / "Object_Localization" / "val-00000-of-00001.parquet"),
+    blink_parquet(str(tmp_path / "BLINK" / "Object_Localization" / "val-00000-of-00001.parquet"),
                          [[dup], [texture(4242, 300, 200)]], "Object_Localization")
     blink_parquet(str(tmp_path / "BLINK" / "Jigsaw" / "val-00000-of-00001.parquet"),
                   [[near_duplicate(_coco_image(src, f"{1005:012d}.jpg"))]], "Jigsaw")

@@ -12,8 +12,8 @@ import argparse
 import importlib
 import json
 import logging
-import sys
 
+from ..data.cli import _run
 from ..data.schema import DataError
 
 log = logging.getLogger(__name__)
@@ -73,17 +73,6 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(fn):
-    def run(args):
-        try:
-            rc = fn(args)
-        except DataError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        if rc:
-            raise SystemExit(rc)
-        return 0
-    return run
 
 
 def add_data_commands(subparsers) -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..data.schema import DataError, letter
-from ..data.writer import FORMAT, read_manifest, write_manifest, write_shards
+from ..data.writer import FORMAT, read_manifest, sha256_file, write_manifest, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +216,6 @@ def split_fractions(sizes: dict[str, int]) -> dict[str, float]:
 
 
 # ---- files / provenance ---------------------------------------------------------------------
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def annotation_checksums(paths: list[str], max_listed: int = 64) -> dict:

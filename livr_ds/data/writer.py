@@ -102,7 +102,7 @@ def write_manifest(out_dir: str, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -140,7 +140,7 @@ class SplitWriter:
             os.remove(fname)  # ShardWriter opens a first shard eagerly
             return
         self.shards.append({"name": os.path.basename(fname), "count": self._in_shard,
-                            "sha256": _sha256_file(fname), "bytes": os.path.getsize(fname)})
+                            "sha256": sha256_file(fname), "bytes": os.path.getsize(fname)})
         self._in_shard = 0
 
     def write(self, key: str, record: dict, images: list[tuple[bytes, str]]) -> None:
@@ -461,7 +461,7 @@ def verify_shards(out_dir: str) -> list[str]:
             if not os.path.isfile(path):
                 problems.append(f"{path}: missing")
                 continue
-            if "sha256" in s and _sha256_file(path) != s["sha256"]:
+            if "sha256" in s and sha256_file(path) != s["sha256"]:
                 problems.append(f"{path}: sha256 differs from {MANIFEST}")
             try:
                 with tarfile.open(path, "r:") as tf:
