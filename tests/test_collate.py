@@ -1,0 +1,62 @@
+"""The collator: template, latents right after the prompt, labels on answer tokens only."""
+
+import pytest
+import torch
+
+from livr_ds import segments
+from livr_ds.data.collate import LivrCollator, SampleTooLong
+from livr_ds.data.schema import Sample
+from livr_ds.models import get_adapter
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_dirs):
+    adapter = get_adapter("qwen2_5_vl")
+    return adapter, adapter.load_processor(tiny_dirs["qwen2_5_vl"])
+
+
+def sample(photos, key="k", n_images=1, choices=("red", "blue"), answer="B"):
+    return Sample(key=key, task="t", question="Which colour is the square?", choices=list(choices),
+                  answer=answer, images=photos[:n_images], meta={})
+
+
+def test_layout_labels_and_segments(qwen, photos):
+    adapter, processor = qwen
+    latents = [7, 8, 9]
+    batch = LivrCollator(adapter, processor, latents)([sample(photos, "a", 2), sample(photos, "b", 1)])
+    tok = processor.tokenizer
+    for row in range(2):
+        ids, seg, labels = batch["input_ids"][row], batch["segment_ids"][row], batch["labels"][row]
+        real = seg != segments.PAD
+        text = tok.decode(ids[real & (seg == segments.PROMPT)])
+        assert "Which colour is the square?" in text and "(A) red\n(B) blue" in text
+        lat = (seg == segments.LATENT).nonzero().flatten()
+        ans = (seg == segments.ANSWER).nonzero().flatten()
+        assert ids[lat].tolist() == latents
+        assert lat[0] == (seg == segments.PROMPT).nonzero().max() + 1  # right after the prompt
+        assert ans[0] == lat[-1] + 1 and ans[-1] == real.sum() - 1
+        assert tok.decode(ids[ans]) == "(B)<|im_end|>"
+        assert torch.equal(labels != -100, seg == segments.ANSWER)  # loss on answer tokens only
+        assert (ids[seg == segments.IMAGE] == adapter.image_token_id(processor)).all()
+    assert batch["image_grid_thw"].shape[0] == 3 and batch["image_counts"].tolist() == [[2], [1]]
+    assert 0 < batch["meta"]["pad_fraction"] < 1
+
+
+def test_padding_samples_carry_no_loss(qwen, photos):
+    adapter, processor = qwen
+    s = sample(photos)
+    s.meta["_pad"] = True
+    batch = LivrCollator(adapter, processor, [])([sample(photos, "real"), s])
+    assert (batch["labels"][0] != -100).any() and (batch["labels"][1] == -100).all()
+    assert batch["meta"]["pad"] == [False, True]
+
+
+def test_too_long_is_a_clear_error_or_skipped(qwen, photos):
+    adapter, processor = qwen
+    strict = LivrCollator(adapter, processor, [], max_tokens=40)
+    with pytest.raises(SampleTooLong, match=r"sample 'big' \(t\) has \d+ tokens > data.max_tokens=40"):
+        strict([sample(photos, "big", 3)])
+    lenient = LivrCollator(adapter, processor, [], max_tokens=60, too_long="skip")
+    batch = lenient([sample(photos, "big", 3), sample(photos, "small", 1, choices=(), answer="3")])
+    assert batch["meta"]["keys"] == ["small"] and batch["meta"]["skipped"] == 1
+    assert processor.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100]) == "3<|im_end|>"
