@@ -63,27 +63,30 @@ def _demo_samples(data_dir: str, n: int):
 
 
 def bench_stage(model_path, family, data_dir, batch_size=8, repeats=10, backends=("sdpa", "eager")):
+    """Every (backend, stage) pair is timed in one interleaved loop, so load drift hits all alike."""
     from .data.collate import LivrCollator
 
-    rows = []
     samples = _demo_samples(data_dir, batch_size)
+    steps, tokens = {}, {}
     for backend in backends:
         bb = _backbone(model_path, family, backend, 4)
         batch = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)(samples)
         model = bb.model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        tokens[backend] = int(batch["input_ids"].numel())
 
-        def step(policy):
+        def step(policy, model=model, opt=opt, batch=batch):
             def run():
                 opt.zero_grad(set_to_none=True)
                 model(batch, policy).backward()
                 opt.step()
             return run
 
-        t = _interleaved({"stage1": step("bottleneck"), "stage2": step("standard")}, repeats)
-        rows.append({"backend": backend, "stage1_s": t["stage1"], "stage2_s": t["stage2"],
-                     "ratio": t["stage1"] / t["stage2"], "tokens": int(batch["input_ids"].numel())})
-    return rows
+        steps[(backend, "stage1")] = step("bottleneck")
+        steps[(backend, "stage2")] = step("standard")
+    t = _interleaved(steps, repeats)
+    return [{"backend": b, "stage1_s": t[(b, "stage1")], "stage2_s": t[(b, "stage2")],
+             "ratio": t[(b, "stage1")] / t[(b, "stage2")], "tokens": tokens[b]} for b in backends]
 
 
 def bench_mask(lengths=(1024, 4096, 16384), repeats=3):

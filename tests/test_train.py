@@ -212,6 +212,10 @@ def test_ds_config_auto_fields_and_inconsistent_batches(tmp_path):
     bad.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match=r"inconsistent batch sizes: train_batch_size=32 .* = 16"):
         build_ds_config(str(bad), cfg, world_size=2)
+    with pytest.raises(ConfigError, match="ZeRO-3 is not supported yet"):
+        build_ds_config(os.path.join(ROOT, "ds_configs", "zero3.json"), cfg, world_size=2)
+    offload = build_ds_config(os.path.join(ROOT, "ds_configs", "zero2_offload.json"), cfg, world_size=2)
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     clash = tmp_path / "clash.json"
     clash.write_text(json.dumps({"gradient_accumulation_steps": 2}))
     with pytest.raises(ConfigError, match="gradient_accumulation_steps = 2 in the DeepSpeed config"):

@@ -44,6 +44,12 @@ def build_ds_config(path: str, cfg: ExperimentConfig, world_size: int) -> dict:
     params.setdefault("torch_adam", True)  # no extension build; FusedAdam crashed at exit on CPU
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
     _fill(bf16, "enabled", cfg.model.dtype == "bfloat16", "ds.bf16")
+    if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError(
+            "ZeRO-3 is not supported yet: it partitions the embedding table that the latent rows "
+            "(PEFT trainable tokens) index into, and exports would need every weight gathered. The "
+            "trainable state of LIVR is small; use ds_configs/zero2.json or zero2_offload.json"
+        )
     if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError("fp16 is not supported by livr-ds; use model.dtype: bfloat16")
     ds.setdefault("steps_per_print", 10**9)  # our own logging
