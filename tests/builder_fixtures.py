@@ -236,9 +236,12 @@ def make_nights(root: str, n: dict | None = None) -> str:
             texture(8002 + 3 * k, 128, 128).save(os.path.join(dd, "00_1.png"))
             lv = 5 if i % 3 else 2
             rv = 1 if i % 3 else 2 if i == 0 else 4  # row 0 of each split: a tie
-            rows.append({"id": k, "ref_path": f"ref/{k:03d}/00.png", "left_path": f"distort/{k:03d}/00_0.png",
-                         "right_path": f"distort/{k:03d}/00_1.png", "left_vote": lv, "right_vote": rv,
-                         "prompt": "a photo", "split": split, "is_imagenet": False})
+            # the real data.csv columns (DreamSim's loader reads them); votes < 6 rows are filtered
+            votes = 3 if i == 1 else 6
+            rows.append({"id": k, "left_vote": lv, "right_vote": rv, "votes": votes,
+                         "ref_path": f"ref/{k:03d}/00.png", "left_path": f"distort/{k:03d}/00_0.png",
+                         "right_path": f"distort/{k:03d}/00_1.png", "prompt": "a photo", "split": split,
+                         "is_imagenet": False})
             k += 1
     import csv
 

@@ -350,6 +350,7 @@ def test_more_builders(tmp_path, task):
         assert m["build"]["notes"]["pairs_with_fewer_than_4_keypoints"] >= 1
     if task == "visual_similarity":
         assert m["build"]["notes"]["tied_votes_skipped"] >= 2
+        assert m["build"]["notes"]["low_agreement_skipped"] >= 2  # one row per split has votes = 3
 
 
 def test_pair_aware_dedup_semantic(tmp_path):

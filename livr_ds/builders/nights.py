@@ -4,7 +4,9 @@ Layout (the DreamSim repository's README, "nights/"): ``nights/data.csv`` plus t
 ``nights/ref/`` and ``nights/distort/``. data.csv has one row per triplet with (at least) the
 columns ``ref_path``, ``left_path``, ``right_path`` (relative to nights/), ``left_vote``,
 ``right_vote`` (human votes for which distortion is closer to the reference) and ``split``
-(train / val / test).
+(train / val / test). The real file also has ``id``, ``votes`` (how many of the raters agreed)
+and ``is_imagenet``: DreamSim's own loader (dataset/dataset.py, TwoAFCDataset) keeps only rows
+with ``votes >= 6``, and so does this builder when the column is there (dropped rows counted).
 
 Recipe: official splits (train -> train, val -> val, test -> test); answer = the candidate with
 more human votes (ties skipped, counted); the preferred image is placed second or third at random,
@@ -22,6 +24,7 @@ from .common import Pools, balanced, build, fit, need_dir, need_file, open_image
 QUESTION = ("Given three similar but different images, take the first image as reference. Can you tell which one "
             "of the latter two images is most similar to the first one?")
 CHOICES = ["the second image", "the third image"]
+MIN_AGREEING_VOTES = 6  # DreamSim's filter for NIGHTS triplets
 COLUMNS = ("ref_path", "left_path", "right_path", "left_vote", "right_vote", "split")
 
 
@@ -37,7 +40,7 @@ def build_visual_similarity(out: str, *, source: str, seed: int, sizes: dict, de
             raise DataError(f"{csv_path}: missing column(s) {missing} (NIGHTS data.csv has {list(COLUMNS)})")
         rows = list(reader)
     units: dict[str, list[dict]] = {s: [] for s in sizes if sizes[s] > 0}
-    ties, dropped = 0, {s: 0 for s in units}
+    ties, low_agreement, dropped = 0, 0, {s: 0 for s in units}
     train_imgs: set[str] = set()
     for sp in ("train", "val", "test"):
         for i, r in enumerate(rows):
@@ -50,6 +53,9 @@ def build_visual_similarity(out: str, *, source: str, seed: int, sizes: dict, de
                                 "numbers") from None
             if lv == rv:
                 ties += 1
+                continue
+            if r.get("votes") not in (None, "") and float(r["votes"]) < MIN_AGREEING_VOTES:
+                low_agreement += 1
                 continue
             imgs = [r["ref_path"], r["left_path"], r["right_path"]]
             if sp == "train":
@@ -75,7 +81,8 @@ def build_visual_similarity(out: str, *, source: str, seed: int, sizes: dict, de
 
     pools = Pools(units=units, images=lambda u: [load(p) for p in u["imgs"]], unit_id=lambda u: f"row{u['row']}",
                   unit_images=lambda u: u["imgs"], annotations=[csv_path], sources={"nights": source},
-                  notes={"tied_votes_skipped": ties, "dropped_for_sharing_train_images": dropped})
+                  notes={"tied_votes_skipped": ties, "low_agreement_skipped": low_agreement,
+                         "dropped_for_sharing_train_images": dropped})
     recipe = {"splits": "official (data.csv split column)", "answer": "the candidate with more human votes",
               "answers": "A/B balanced"}
     return build(task, out, seed=seed, sizes=sizes, pools=pools, make=make, labels_fn=balanced(2), recipe=recipe,
