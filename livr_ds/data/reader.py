@@ -65,126 +65,22 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
-import math
 import os
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .plan import EpochPlan, Layout
 from .schema import DECLARED_MEMBER_RE, IMAGE_MEMBER_RE, DataError, Sample, decode_image, validate_record
+from .sources import MANIFEST, ShardInfo, ShardSource, count_samples  # noqa: F401  (public API)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-
-
-# ---- sources --------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class ShardInfo:
-    url: str
-    count: int
-    name: str  # stable name used in the fingerprint (relative to its manifest, or basename)
-    sha256: str = ""  # from the manifest, if it has one (also part of the fingerprint)
-
-
-@dataclasses.dataclass
-class ShardSource:
-    """A set of shards: a directory (+ split), a manifest.json, or a brace/glob pattern."""
-
-    path: str
-    weight: float = 1.0
-    split: str = "train"
-
-    def resolve(self) -> list[ShardInfo]:
-        path = os.fspath(self.path)
-        if not (isinstance(self.weight, (int, float)) and self.weight > 0 and math.isfinite(self.weight)):
-            raise DataError(f"{path}: weight must be a positive number, got {self.weight!r}")
-        if os.path.isdir(path) or os.path.basename(path) == MANIFEST:
-            return _from_manifest_dir(path if os.path.isdir(path) else os.path.dirname(path) or ".", self.split)
-        return _from_pattern(path)
-
-
-def _from_manifest_dir(d: str, split: str) -> list[ShardInfo]:
-    mpath = os.path.join(d, MANIFEST)
-    if not os.path.isfile(mpath):
-        pattern = os.path.join(d, f"{split}-*.tar")
-        if not glob.glob(pattern):
-            raise DataError(f"{d}: no {MANIFEST} and no shards matching {split}-*.tar")
-        return _from_pattern(pattern)
-    with open(mpath) as f:
-        try:
-            m = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{mpath}: not valid JSON ({exc})") from None
-    splits = m.get("splits", {}) if isinstance(m, dict) else {}
-    if split not in splits:
-        raise DataError(f"{mpath}: no split {split!r} (has {sorted(splits)})")
-    shards = []
-    for s in splits[split].get("shards", []):
-        url = os.path.join(d, s["name"])
-        if not os.path.isfile(url):
-            raise DataError(f"{url}: listed in {mpath} but missing")
-        shards.append(ShardInfo(url, int(s["count"]), s["name"], str(s.get("sha256", ""))))
-    return shards
-
-
-def _from_pattern(pattern: str) -> list[ShardInfo]:
-    urls = []
-    for u in wds.shardlists.expand_urls(pattern):
-        urls += sorted(glob.glob(u)) if any(c in u for c in "*?[") else [u]
-    found = [u for u in urls if os.path.isfile(u)]
-    if not found:
-        raise DataError(f"no shards match {pattern!r}")
-    missing = [u for u in urls if not os.path.isfile(u)]
-    if missing:
-        raise DataError(f"{pattern!r}: {len(missing)} of {len(urls)} shards missing, e.g. {missing[0]}")
-    counts: dict[str, int] = {}
-    for d in sorted({os.path.dirname(u) for u in found}):  # a manifest next to the shards saves the scan
-        mpath = os.path.join(d, MANIFEST)
-        if os.path.isfile(mpath):
-            try:
-                with open(mpath) as f:
-                    for sp in json.load(f).get("splits", {}).values():
-                        for s in sp.get("shards", []):
-                            counts[os.path.normpath(os.path.join(d, s["name"]))] = int(s["count"])
-            except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
-                pass
-    todo = [u for u in found if os.path.normpath(u) not in counts]
-    if todo:
-        log.info("counting samples in %d shard(s) matching %r (no manifest entry; reading tar headers once)",
-                 len(todo), pattern)
-    out = []
-    for u in found:
-        n = counts.get(os.path.normpath(u))
-        out.append(ShardInfo(u, n if n is not None else count_samples(u), os.path.basename(u)))
-    return out
-
-
-def count_samples(url: str) -> int:
-    """Number of samples (distinct keys with a declared member) in a shard; reads no data."""
-    state = {"prefix": None, "n": 0}
-
-    def select(fname: str) -> bool:
-        prefix, ext = wds.tariterators.base_plus_ext(fname)
-        if prefix is not None and DECLARED_MEMBER_RE.match(ext.lower()) and prefix != state["prefix"]:
-            state["prefix"] = prefix
-            state["n"] += 1
-        return False
-
-    try:
-        with open(url, "rb") as f:
-            for _ in wds.tariterators.tar_file_iterator(f, select_files=select):
-                pass
-    except Exception as exc:
-        raise DataError(f"{url}:{state['prefix'] or '<start>'}: cannot read tar ({exc})") from None
-    return state["n"]
 
 
 # ---- raw tar reading (webdataset stages) ----------------------------------------------------
@@ -295,89 +191,6 @@ def decode_sample(raw: dict, shard: str) -> Sample:
     images = [decode_image(raw[ext], fmt, f"{where}.{ext}") for _, ext, fmt in found]
     return Sample(key=key, task=rec["task"], question=rec["question"], choices=rec["choices"],
                   answer=rec["answer"], images=images, meta=rec["meta"], shard=shard)
-
-
-# ---- the epoch plan: a pure function of (seed, epoch, sources) -------------------------------
-class EpochPlan:
-    """The epoch's sample order. ``locate(p)`` -> (shard id, index in shard) of position p."""
-
-    def __init__(self, sources: list[tuple[list[int], list[int], float]], seed: int, epoch: int,
-                 shuffle: bool, shuffle_block: int):
-        """sources: per source (shard ids, shard counts, weight)."""
-        visits: list[tuple[int, np.ndarray]] = []
-        for si, (ids, counts, weight) in enumerate(sources):
-            full, frac = int(math.floor(weight)), weight - math.floor(weight)
-            for _ in range(full):
-                visits += [(sid, np.arange(c, dtype=np.int64)) for sid, c in zip(ids, counts) if c > 0]
-            total = sum(counts)
-            k = int(round(frac * total))
-            if k > 0:
-                pick = np.sort(np.random.default_rng([seed, epoch, 1, si]).choice(total, size=k, replace=False))
-                bounds = np.cumsum([0, *counts])
-                for j, sid in enumerate(ids):
-                    sel = pick[(pick >= bounds[j]) & (pick < bounds[j + 1])] - bounds[j]
-                    if len(sel):
-                        visits.append((sid, sel.astype(np.int64)))
-        if shuffle:
-            order = np.random.default_rng([seed, epoch, 0]).permutation(len(visits))
-            visits = [visits[i] for i in order]
-        self.visits = visits
-        self.offsets = np.cumsum([0] + [len(v[1]) for v in visits]).astype(np.int64)
-        self.n = int(self.offsets[-1])
-        perm = np.arange(self.n, dtype=np.int64)
-        if shuffle and self.n:
-            rng = np.random.default_rng([seed, epoch, 2])
-            for start in range(0, self.n, shuffle_block):
-                end = min(start + shuffle_block, self.n)
-                perm[start:end] = start + rng.permutation(end - start)
-        self.perm = perm  # position p -> stream position perm[p]
-
-    def stream_locate(self, q: int) -> tuple[int, int]:
-        v = bisect.bisect_right(self.offsets, q) - 1
-        return v, int(self.visits[v][1][q - self.offsets[v]])
-
-    def locate(self, p: int) -> tuple[int, int]:
-        v, idx = self.stream_locate(int(self.perm[p]))
-        return self.visits[v][0], idx
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """How N epoch positions become equal per-rank batches."""
-
-    n: int
-    world_size: int
-    batch_size: int
-    drop_last: bool
-
-    @property
-    def global_batch(self) -> int:
-        return self.world_size * self.batch_size
-
-    @property
-    def num_batches(self) -> int:
-        g = self.global_batch
-        return self.n // g if self.drop_last else -(-self.n // g)
-
-    @property
-    def num_padded(self) -> int:  # all ranks
-        return 0 if self.drop_last else self.num_batches * self.global_batch - self.n
-
-    @property
-    def num_dropped(self) -> int:
-        return self.n - self.num_batches * self.global_batch if self.drop_last else 0
-
-    def positions(self, rank: int, b: int) -> list[tuple[int, bool]]:
-        """(epoch position, is_pad) of rank's batch b; pad positions wrap to the epoch start."""
-        start = (b * self.world_size + rank) * self.batch_size
-        return [(p if p < self.n else (p - self.n) % self.n, p >= self.n)
-                for p in range(start, start + self.batch_size)]
-
-    def rank_padded(self, rank: int) -> int:
-        if not self.num_padded:
-            return 0
-        first = max(0, (self.n // self.batch_size - rank) // self.world_size - 1)  # earlier batches: no pad
-        return sum(pad for b in range(first, self.num_batches) for _, pad in self.positions(rank, b))
 
 
 # ---- the per-epoch dataset run in each worker -----------------------------------------------
