@@ -495,3 +495,30 @@ def test_cli_write_demo_verify(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _cli(["shards", "write", "--jsonl", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x")])
     assert e.value.code != 0
+
+
+def test_process_exits_with_an_abandoned_or_failed_worker_epoch(tmp_path):
+    """Workers ignore SIGTERM (SLURM signals every process of a step; the trainer saves first),
+    so multiprocessing's exit handler (SIGTERM, then join) would hang on any worker left alive."""
+    import subprocess
+    import sys
+
+    from livr_ds.data.demo import make_demo
+
+    make_demo(str(tmp_path / "d"), seed=0, n_train=8, n_val=2, n_test=2, tasks=["counting"])
+    script = f"""
+from livr_ds.data.reader import LivrLoader, ShardSource
+loader = LivrLoader([ShardSource({str(tmp_path / 'd')!r})], 0, 1, batch_size=1, num_workers=2, seed=0)
+abandoned = iter(loader); next(abandoned)
+err = None
+try:
+    for i, b in enumerate(loader):
+        if i == 2:
+            raise RuntimeError("boom")
+except RuntimeError as e:
+    err = e  # the traceback keeps the failed epoch's generator alive until exit
+print("done")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
