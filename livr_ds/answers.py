@@ -18,16 +18,19 @@ NUMBER_WORDS = {
 
 
 def parse_choice(text: str, choices: list[str]) -> str | None:
-    """The chosen letter, or None when the text names no valid option."""
+    """The chosen letter, or None when the text names no valid option (or several)."""
     letters = [chr(65 + i) for i in range(len(choices))]
-    t = text.strip()
-    for pattern in (r"\(([A-Z])\)", r"answer\s*(?:is|:)?\s*:?\s*\(?([A-Z])\b"):
-        for m in re.finditer(pattern, t, flags=re.IGNORECASE if "answer" in pattern else 0):
-            if m.group(1).upper() in letters:
-                return m.group(1).upper()
+    t = re.sub(r"[*_`]", "", text).strip()  # markdown emphasis: "**B**"
+    for pattern in (r"\(([A-Z])\)", r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*\(?([A-Z])\b"):
+        for m in re.finditer(pattern, t):
+            if m.group(1) in letters:
+                return m.group(1)
+    if re.fullmatch(r"[a-zA-Z][.)]?", t) and t[0].upper() in letters:  # "b", "B.", "B)"
+        return t[0].upper()
     m = re.match(r"^([A-Z])(?:[.):\s]|$)", t)
     if m and m.group(1) in letters:
-        return m.group(1)
+        others = {x for x in re.findall(r"\b([A-Z])\b", t[1:]) if x in letters and x != m.group(1)}
+        return None if others else m.group(1)  # "A or B" names no single option
     lowered = t.lower().rstrip(".")
     for letter, choice in zip(letters, choices):
         if lowered == str(choice).strip().lower():

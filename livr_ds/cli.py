@@ -65,6 +65,9 @@ def _optional_commands():
     from .bench import add_bench_command
 
     yield add_bench_command
+    from .eval_cli import add_eval_commands
+
+    yield add_eval_commands
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,3 +220,25 @@ def test_ds_config_auto_fields_and_inconsistent_batches(tmp_path):
     clash.write_text(json.dumps({"gradient_accumulation_steps": 2}))
     with pytest.raises(ConfigError, match="gradient_accumulation_steps = 2 in the DeepSpeed config"):
         build_ds_config(str(clash), cfg, world_size=2)
+
+
+def test_full_model_export_round_trips_through_init_from(tmp_path, tiny_dirs):
+    """model.trainable: all (tiny models from scratch) exports a whole transformers checkpoint."""
+    from livr_ds.config import load_config
+    from livr_ds.modeling import build_backbone
+    from livr_ds.train import checkpoint
+
+    sets = [f"model.path={tiny_dirs['qwen2_5_vl']}", "model.trainable=all", "latents.num=4"]
+    cfg1 = load_config(None, sets + ["stage=1"])
+    trained = build_backbone(cfg1, policy="bottleneck")
+    with torch.no_grad():
+        for p in trained.model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    checkpoint.save_export(trained, cfg1, 1, str(tmp_path / "export"))
+    cfg2 = load_config(None, sets + ["stage=2"])
+    fresh = build_backbone(cfg2, policy="standard")
+    checkpoint.init_from_export(fresh, cfg2, str(tmp_path / "export"))
+    want = trained.model.hf_model.state_dict()
+    got = fresh.model.hf_model.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -284,10 +284,9 @@ def init_from_export(backbone, cfg, path: str) -> str:
         # save_pretrained drops the adapter name from keys; set_peft_model_state_dict adds it back.
         tensors = load_file(os.path.join(export_dir, "adapter_model.safetensors"))
     else:
-        tensors = {}
-        for name in sorted(os.listdir(export_dir)):
-            if name.endswith(".safetensors"):
-                tensors.update(load_file(os.path.join(export_dir, name)))
+        # A full export is a transformers checkpoint, saved under transformers' own key names:
+        # load it the way transformers does and take its state dict.
+        tensors = backbone.adapter.load_model(export_dir, dtype=model.dtype).state_dict()
     load_trainable_state(model, tensors)
     log.info("initialised from %s (stage %s, %s)", export_dir, meta["stage"], meta["policy"])
     return export_dir

@@ -1,0 +1,365 @@
+"""The bottleneck proof: the paper's test-time-bottleneck finding, reproduced end to end on CPU.
+
+    livr-ds experiment bottleneck-proof --out runs/bottleneck-proof
+
+A tiny random Qwen2.5-VL (2 layers, hidden 64, vision depth 2; every weight trains) learns the
+synthetic 4-way task "which colour is the square" (livr_ds/experiments/synthetic.py; chance 25 %)
+through the real pipeline: `launch/train.py` subprocesses (DeepSpeed ZeRO-2, webdataset shards,
+exports), then `launch/eval.py`'s code in this process. Three runs, equal optimizer steps:
+
+| run          | K | training                                          |
+|--------------|---|---------------------------------------------------|
+| Direct SFT   | 0 | standard mask, S1 + S2 steps                      |
+| Latents only | 4 | standard mask, S1 + S2 steps                      |
+| LIVR         | 4 | S1 steps bottleneck mask, then S2 steps standard  |
+
+each evaluated under the test-time modes (standard, no_latents, bottleneck,
+bottleneck_no_latents; K = 0 has only standard and bottleneck), twice: greedy generation with
+answer parsing (the paper's protocol) and forced choice (`--scoring likelihood`: the option whose
+answer has the highest log-likelihood, which never fails to parse). The paper's qualitative
+finding (Section 5, Localization: LIVR keeps 70.49 under the bottleneck, latents-only falls to
+chance, bottleneck + no latents is chance) is checked and written to DIR/proof.json:
+
+- LIVR under the test-time bottleneck is well above chance (>= chance + `--margin` points);
+- latents-only under the bottleneck is at chance: generation no better than chance + 3 binomial
+  standard errors, forced choice within 3 standard errors of chance;
+- LIVR under the bottleneck with the latents dropped is at chance (same rule).
+
+Outputs in DIR: data/ (shards), tiny-qwen2_5_vl/, runs/<run>/ (training runs with their logs),
+results/<run>.<mode>[.likelihood].json (+ predictions JSONL; attention probes and heat maps for
+the generation runs with latents), table.md (Table 1 layout, a by-mode table, the probes, the
+checks), proof.json. A rerun with the same settings reuses finished data and training runs
+(--force retrains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+MODES_WITH_LATENTS = ("standard", "no_latents", "bottleneck", "bottleneck_no_latents")
+CHANCE = 25.0  # 4-way, answers exactly balanced
+
+# (key, row name, K, trained with the Stage 1 bottleneck, eval modes)
+RUNS = (
+    ("direct_sft", "Direct SFT", 0, False, ("standard", "bottleneck")),
+    ("latents_only", "Latents only", 4, False, MODES_WITH_LATENTS),
+    ("livr", "LIVR", 4, True, MODES_WITH_LATENTS),
+)
+
+
+def repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    root = repo_root()
+    p.add_argument("--out", required=True, help="output directory (data, runs, results, table.md, proof.json)")
+    p.add_argument("--config", default=os.path.join(root, "configs", "experiments", "bottleneck_proof.yaml"))
+    p.add_argument("--stage1-steps", type=int, default=400, help="S1: LIVR's Stage 1 (bottleneck) steps (default 400)")
+    p.add_argument("--stage2-steps", type=int, default=200, help="S2: LIVR's Stage 2 (standard) steps (default 200)")
+    p.add_argument("--batch", type=int, default=32, help="micro batch size (one rank)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
+    p.add_argument("--warmup", type=int, default=100, help="warmup steps per stage (restarted for Stage 2)")
+    p.add_argument("--n-val", type=int, default=64, help="validation samples (evaluated after every epoch)")
+    p.add_argument("--n-test", type=int, default=200, help="test samples")
+    p.add_argument("--seed", type=int, default=0, help="data and training seed")
+    p.add_argument("--margin", type=float, default=25.0,
+                   help="'well above chance' = at least this many points above 25 %% (default 25)")
+    p.add_argument("--probe-images", type=int, default=4, help="heat maps per probed evaluation")
+    p.add_argument("--runs", nargs="+", choices=[r[0] for r in RUNS], default=[r[0] for r in RUNS])
+    p.add_argument("--force", action="store_true", help="regenerate data and retrain even if finished")
+
+
+# ---- steps ----------------------------------------------------------------------------------
+def _params(args) -> dict:
+    return {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps, "batch": args.batch,
+            "lr": args.lr, "warmup": args.warmup, "n_val": args.n_val, "n_test": args.n_test, "seed": args.seed,
+            "config": os.path.abspath(args.config)}
+
+
+def _same(path: str, params: dict) -> bool:
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f) == params
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def make_data(out: str, args) -> str:
+    """Train: S1 * batch fresh samples (one pass = LIVR's Stage 1); val/test held out."""
+    from . import synthetic
+
+    data = os.path.join(out, "data")
+    params = {"n_train": args.stage1_steps * args.batch, "n_val": args.n_val, "n_test": args.n_test, "seed": args.seed,
+              "task": synthetic.TASK}
+    stamp = os.path.join(data, "experiment_data.json")
+    if not args.force and _same(stamp, params):
+        return data
+    shutil.rmtree(data, ignore_errors=True)
+    synthetic.write_task(data, params["n_train"], args.n_val, args.n_test, seed=args.seed)
+    _write_json(stamp, params)
+    return data
+
+
+def _log_tail(path: str, n: int = 4000) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()[-n:]
+
+
+def _train(args, out: str, run: str, stage: str, sets: list[str], extra: list[str], log_path: str) -> None:
+    root = repo_root()
+    script = os.path.join(root, "launch", "train.py")
+    if not os.path.exists(script):
+        raise FileNotFoundError(f"{script} not found: the experiment runs the repository's launch/train.py")
+    cmd = [sys.executable, script, "--ds", os.path.join(root, "ds_configs", "zero2.json"), "--config", args.config,
+           "--stage", stage, *extra]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("MASTER_PORT", str(29000 + os.getpid() % 500))
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        r = subprocess.run(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"training {run} (stage {stage}) failed with exit code {r.returncode}; "
+                           f"log {log_path}:\n{_log_tail(log_path)}")
+
+
+def portable_init(export_dir: str, dest: str) -> str:
+    """Stage 1's export with the weights stored under the model's own parameter names.
+
+    A full-weight export (`model.trainable: all`, "merged": true) is written by transformers'
+    save_pretrained in the checkpoint key layout (visual.*, model.layers.*), which
+    init_from_export's load_state_dict does not map back (model.visual.*,
+    model.language_model.*): `--stage all` then stops at Stage 2 with "checkpoint tensors did not
+    match the model". Loading through from_pretrained (which maps the keys) and re-saving the
+    state dict sidesteps that until the trainer maps the keys itself.
+    """
+    from safetensors.torch import save_file
+
+    from ..models import get_adapter
+    from ..train.checkpoint import read_livr_metadata
+
+    meta = read_livr_metadata(export_dir)
+    if not meta.get("merged"):
+        return export_dir
+    model = get_adapter(meta["family"]).load_model(export_dir)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    for name in os.listdir(export_dir):
+        src = os.path.join(export_dir, name)
+        if os.path.isfile(src) and not name.endswith(".safetensors") and not name.endswith(".index.json"):
+            shutil.copy(src, dest)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(dest, "model.safetensors"))
+    return dest
+
+
+def _data_weight(steps: int, args) -> float:
+    """Loader weight that makes one epoch `steps` optimizer steps over the S1 * batch samples
+    (weight w = floor(w) full passes + a fresh subset; livr_ds/data/reader.py)."""
+    return steps / args.stage1_steps
+
+
+def train_run(args, out: str, data: str, run: str, k: int, two_stage: bool) -> tuple[str, float]:
+    """Train one run unless an identical finished one is there. Returns (stage-2 dir, seconds)."""
+    run_dir = os.path.join(out, "runs", run)
+    params = {**_params(args), "run": run, "k": k, "two_stage": two_stage}
+    stamp = os.path.join(run_dir, "experiment_run.json")
+    stage2 = os.path.join(run_dir, "stage2")
+    if not args.force and _same(stamp, params) and os.path.exists(os.path.join(stage2, "DONE")):
+        return stage2, 0.0
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    started = time.time()
+    tiny = os.path.join(out, "tiny-qwen2_5_vl")
+    every = max(1, min(25, min(args.stage1_steps, args.stage2_steps) // 4))
+    common = [f"name=bottleneck-proof-{run}", f"seed={args.seed}", f"model.path=tiny:{tiny}",
+              f"data.val=[{data}]", f"output.dir={run_dir}", f"latents.num={k}",
+              f"optim.micro_batch_size={args.batch}", "optim.grad_accum=1", f"data.val_max_samples={args.n_val}",
+              "schedule.stage2_epochs=1", "logging.wandb=disabled",
+              "logging.progress_bar=false", f"logging.every_steps={every}"]
+    if args.lr is not None:
+        common.append(f"optim.lr={args.lr}")
+
+    def stage_sets(steps: int) -> list[str]:
+        return [f"data.train=[{{path: {json.dumps(data)}, weight: {_data_weight(steps, args)!r}}}]",
+                f"optim.warmup_ratio={min(args.warmup / steps, 0.99)!r}"]
+
+    log_path = os.path.join(run_dir, "train.log")
+    if two_stage:
+        common.append("schedule.stage1_epochs=1")
+        _train(args, out, run, "1", common + stage_sets(args.stage1_steps), [], log_path)
+        init = portable_init(os.path.join(run_dir, "stage1", "export", "final"), os.path.join(run_dir, "stage1-init"))
+        _train(args, out, run, "2", common + stage_sets(args.stage2_steps), ["--init-from", init], log_path)
+    else:  # Stage 2 only (standard mask), as long as both LIVR stages together
+        common.append("schedule.stage1_epochs=0")
+        _train(args, out, run, "2", common + stage_sets(args.stage1_steps + args.stage2_steps), [], log_path)
+    _write_json(stamp, params)
+    return stage2, time.time() - started
+
+
+FORCED = "forced choice"
+
+
+def eval_run(stage2: str, data: str, results_dir: str, run: str, name: str, mode: str, n_test: int,
+             scoring: str, probe: bool, probe_images: int) -> tuple[str, dict]:
+    """One evaluation through launch/eval.py's argument parser and code (in this process)."""
+    from ..evaluate import add_eval_arguments
+    from ..evaluate import run as run_eval
+
+    p = argparse.ArgumentParser()
+    add_eval_arguments(p)
+    stem = f"{run}.{mode}" + ("" if scoring == "generate" else f".{scoring}")
+    out = os.path.join(results_dir, f"{stem}.json")
+    argv = ["--ckpt", stage2, "--which", "final", "--data", data, "--split", "test", "--mode", mode, "--out", out,
+            "--name", name if scoring == "generate" else f"{name} [{FORCED}]", "--scoring", scoring,
+            "--batch-size", "50", "--max-new-tokens", "6", "--max-samples", str(n_test)]
+    if probe:
+        argv += ["--probe", "attention", "--probe-images", str(probe_images)]
+    return out, run_eval(p.parse_args(argv))
+
+
+def band(n: int) -> float:
+    """3 binomial standard errors at chance, in points."""
+    p = CHANCE / 100
+    return 300 * math.sqrt(p * (1 - p) / max(n, 1))
+
+
+def checks(results: dict, n: int, margin: float) -> dict:
+    """The finding, from {(run, mode, scoring): results}. "At chance" needs both: the generated
+    answers do no better than chance, and forced choice among the options (which never fails to
+    parse) lands within 3 standard errors of chance."""
+    def acc(run, mode, scoring="generate"):
+        r = results.get((run, mode, scoring))
+        return None if r is None else r["mean"]
+
+    b = band(n)
+    out = {}
+    gen, lik = acc("livr", "bottleneck"), acc("livr", "bottleneck", "likelihood")
+    out["livr_bottleneck_well_above_chance"] = {
+        "generate": gen, "likelihood": lik, "rule": f"generate >= {CHANCE + margin:.2f}",
+        "passed": None if gen is None else gen >= CHANCE + margin}
+    for key, run, mode in (("latents_only_bottleneck_at_chance", "latents_only", "bottleneck"),
+                           ("livr_bottleneck_no_latents_at_chance", "livr", "bottleneck_no_latents")):
+        gen, lik = acc(run, mode), acc(run, mode, "likelihood")
+        ok = None if gen is None or lik is None else (gen <= CHANCE + b and abs(lik - CHANCE) <= b)
+        out[key] = {"generate": gen, "likelihood": lik,
+                    "rule": f"generate <= {CHANCE + b:.2f} and likelihood in [{CHANCE - b:.2f}, {CHANCE + b:.2f}]",
+                    "passed": ok}
+    out["finding_shown"] = all(v["passed"] for v in out.values())
+    return out
+
+
+def run_experiment(args) -> dict:
+    from .. import table
+
+    out = os.path.abspath(args.out)
+    args.config = os.path.abspath(args.config)
+    if min(args.stage1_steps, args.stage2_steps, args.batch) < 1:
+        raise ValueError("--stage1-steps, --stage2-steps and --batch must be >= 1")
+    os.makedirs(out, exist_ok=True)
+    timings = {}
+    t = time.time()
+    data = make_data(out, args)
+    timings["data_s"] = round(time.time() - t, 1)
+    results_dir = os.path.join(out, "results")
+    results, files = {}, {"generate": [], "likelihood": []}
+    for run, name, k, two_stage, modes in RUNS:
+        if run not in args.runs:
+            continue
+        print(f"[bottleneck-proof] training {name} ...", flush=True)
+        stage2, secs = train_run(args, out, data, run, k, two_stage)
+        timings[f"train_{run}_s"] = round(secs, 1)
+        t = time.time()
+        for mode in modes:
+            for scoring in ("generate", "likelihood"):
+                path, res = eval_run(stage2, data, results_dir, run, name, mode, args.n_test, scoring,
+                                     probe=scoring == "generate" and k > 0 and mode in ("standard", "bottleneck"),
+                                     probe_images=args.probe_images)
+                results[(run, mode, scoring)] = res
+                files[scoring].append(path)
+            print(f"[bottleneck-proof] {name:<13} {mode:<22} {results[(run, mode, 'generate')]['mean']:6.2f} "
+                  f"(forced choice {results[(run, mode, 'likelihood')]['mean']:6.2f})", flush=True)
+        timings[f"eval_{run}_s"] = round(time.time() - t, 1)
+    verdict = checks(results, args.n_test, args.margin)
+    task_md = table.format_table(files["generate"], baseline="Direct SFT" if "direct_sft" in args.runs else None)
+    mode_md = table.format_table(files["generate"] + files["likelihood"], by="mode")
+    probes = {f"{run}.{mode}": {"answer_to_latent": r["probe"]["answer_to_latent"],
+                                "answer_to_latent_per_latent": r["probe"]["answer_to_latent_per_latent"],
+                                "heatmaps": os.path.relpath(r["probe"]["heatmaps"], out)}
+              for (run, mode, _), r in results.items() if r.get("probe")}
+    key = (lambda run, mode, scoring: f"{run}.{mode}" + ("" if scoring == "generate" else f".{scoring}"))
+    summary = {
+        "command": "livr-ds experiment bottleneck-proof " + " ".join(_argv(args)),
+        "params": _params(args), "chance": CHANCE, "chance_band": round(band(args.n_test), 2),
+        "accuracy": {key(*k): r["mean"] for k, r in results.items()},
+        "parse_failures": {key(*k): r["parse_failures"]["total"] for k, r in results.items()},
+        "probes": probes, "checks": verdict, "timings": timings,
+    }
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(render(summary, task_md, mode_md))
+    _write_json(os.path.join(out, "proof.json"), summary)
+    return summary
+
+
+def _argv(args) -> list[str]:
+    parts = ["--out", args.out, "--stage1-steps", str(args.stage1_steps), "--stage2-steps", str(args.stage2_steps),
+             "--batch", str(args.batch), "--warmup", str(args.warmup),
+             "--n-val", str(args.n_val), "--n-test", str(args.n_test), "--seed", str(args.seed)]
+    if args.lr is not None:
+        parts += ["--lr", str(args.lr)]
+    return parts
+
+
+def _num(v, digits=2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def render(summary: dict, task_md: str, mode_md: str) -> str:
+    fails = {k: v for k, v in summary["parse_failures"].items() if v}
+    lines = ["# Bottleneck proof", "", f"`{summary['command']}`", "",
+             f"Task: which colour is the square (4-way, chance {CHANCE:.0f} %), {summary['params']['n_test']} test "
+             f"samples; 3 standard errors at chance = {summary['chance_band']:.2f} points.", "",
+             "## Table 1 layout (greedy generation, parsed)", "", task_md, "",
+             f"## By evaluation mode (rows [{FORCED}]: the option with the highest answer log-likelihood)", "",
+             mode_md, "",
+             "Parse failures (generation): " + (", ".join(f"{k} {v}" for k, v in fails.items()) or "none") + ".", "",
+             "## Attention probes (answer -> latent attention mass, mean over layers, heads, answer tokens)", "",
+             "| run.mode | answer->latent | per latent | heat maps |", "|---|---:|---:|---|"]
+    for k, p in summary["probes"].items():
+        lines.append(f"| {k} | {_num(p['answer_to_latent'], 4)} | {_num(p['answer_to_latent_per_latent'], 4)} | "
+                     f"{p['heatmaps']} |")
+    lines += ["", "## Checks", ""]
+    for k, c in summary["checks"].items():
+        if isinstance(c, dict):
+            lines.append(f"- {k}: generate {_num(c['generate'])}, {FORCED} {_num(c['likelihood'])}; "
+                         f"{c['rule']} -> {'PASS' if c['passed'] else 'FAIL'}")
+    lines += [f"- finding shown: {summary['checks']['finding_shown']}", "",
+              "Timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings"].items()), ""]
+    return "\n".join(lines)
+
+
+def run_cmd(args) -> int:
+    started = time.time()
+    summary = run_experiment(args)
+    summary["timings"]["total_s"] = round(time.time() - started, 1)
+    _write_json(os.path.join(os.path.abspath(args.out), "proof.json"), summary)
+    with open(os.path.join(os.path.abspath(args.out), "table.md")) as f:
+        print(f.read())
+    print(f"total {summary['timings']['total_s']:.0f} s; finding shown: {summary['checks']['finding_shown']}")
+    return 0

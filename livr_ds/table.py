@@ -1,0 +1,129 @@
+"""`livr-ds table results/*.json`: evaluation results as a markdown table laid out like the
+paper's Table 1 (tasks as columns, one row per run, the mean, and the change of the mean against a
+baseline row).
+
+A row's name is the results file's `name` field or, without one, the file stem; a result under a
+mode other than `standard` gets the mode appended ("LIVR (bottleneck)"). `--by mode` pivots
+instead: one row per run name, one column per evaluation mode (mean accuracy), the layout of the
+paper's test-time-bottleneck analysis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+# The paper's column order (Table 1); other tasks follow alphabetically.
+PAPER_ORDER = ("counting", "jigsaw", "localization", "visual_correspondence", "art_style",
+               "semantic_correspondence", "functional_correspondence", "relative_reflectance",
+               "visual_similarity")
+MODE_ORDER = ("standard", "no_latents", "bottleneck", "bottleneck_no_latents")
+
+
+def load_results(paths: list[str]) -> list[dict]:
+    out = []
+    for path in paths:
+        with open(path) as f:
+            try:
+                res = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not a results JSON ({e})") from None
+        if not isinstance(res, dict) or "per_task" not in res or "mean" not in res:
+            raise ValueError(f"{path}: not a livr-ds results file (no per_task / mean)")
+        stem = os.path.basename(path).removesuffix(".json")
+        out.append({**res, "_stem": stem, "_path": path})
+    if not out:
+        raise ValueError("no results files given")
+    return out
+
+
+def run_name(res: dict) -> str:
+    return res.get("name") or res["_stem"]
+
+
+def row_label(res: dict) -> str:
+    name, mode = run_name(res), res.get("mode", "standard")
+    return name if mode == "standard" or mode in name else f"{name} ({mode})"
+
+
+def _task_order(tasks) -> list[str]:
+    known = [t for t in PAPER_ORDER if t in tasks]
+    return known + sorted(t for t in tasks if t not in PAPER_ORDER)
+
+
+def _column(task: str) -> str:
+    return task.replace("_", " ").title()
+
+
+def _fmt(v, digits: int) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _find(results: list[dict], name: str, label=row_label) -> dict:
+    for key in (label, run_name, lambda r: r["_stem"]):
+        hits = [r for r in results if key(r) == name]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise ValueError(f"--baseline {name!r} matches {len(hits)} rows; name one of: "
+                             f"{', '.join(label(r) for r in hits)}")
+    raise ValueError(f"--baseline {name!r} is not a row; rows are: {', '.join(label(r) for r in results)}")
+
+
+def task_table(results: list[dict], baseline: str | None = None, digits: int = 2) -> str:
+    """Tasks as columns, one row per results file, Mean, and Δ (mean minus the baseline's mean)."""
+    labels = [row_label(r) for r in results]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ValueError(f"two results files share the row name(s) {dupes}; give them distinct --name values")
+    tasks = _task_order({t for r in results for t in r["per_task"]})
+    base = _find(results, baseline) if baseline else None
+    header = ["Method", *(_column(t) for t in tasks), "Mean"] + (["Δ"] if base else [])
+    rows = []
+    for r in results:
+        cells = [row_label(r)] + [_fmt(r["per_task"].get(t, {}).get("accuracy"), digits) for t in tasks]
+        cells.append(_fmt(r["mean"], digits))
+        if base:
+            cells.append("–" if r is base else f"{r['mean'] - base['mean']:+.{digits}f}")
+        rows.append(cells)
+    return _markdown(header, rows)
+
+
+def mode_table(results: list[dict], digits: int = 2) -> str:
+    """One row per run name, one column per evaluation mode (mean accuracy)."""
+    names, cells = [], {}
+    for r in results:
+        name, mode = run_name(r), r.get("mode", "standard")
+        if name not in names:
+            names.append(name)
+        if (name, mode) in cells:
+            raise ValueError(f"two results files for run {name!r} under mode {mode!r}")
+        cells[(name, mode)] = r["mean"]
+    modes = [m for m in MODE_ORDER if any(k[1] == m for k in cells)]
+    modes += sorted({k[1] for k in cells} - set(modes))
+    rows = [[n, *(_fmt(cells.get((n, m)), digits) for m in modes)] for n in names]
+    return _markdown(["Run", *modes], rows)
+
+
+def format_table(paths: list[str], baseline: str | None = None, by: str = "task", digits: int = 2) -> str:
+    results = load_results(paths)
+    if by == "mode":
+        if baseline:
+            raise ValueError("--baseline applies to the task layout (--by task)")
+        return mode_table(results, digits)
+    return task_table(results, baseline, digits)
+
+
+def table_cmd(args) -> int:
+    text = format_table(args.results, baseline=args.baseline, by=args.by, digits=args.digits)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
