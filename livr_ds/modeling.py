@@ -234,19 +234,23 @@ class LivrModel(torch.nn.Module):
             return segments.additive_mask(mask, self.hf_model.dtype)
         return mask
 
-    def hidden_states(self, batch: dict, policy: str) -> torch.Tensor:
+    def backbone_outputs(self, batch: dict, policy: str, **kwargs):
+        """The transformers backbone (no LM head) on a batch under `policy`'s mask."""
         vision = {k: batch[k] for k in self.adapter.vision_keys if k in batch}
         if "pixel_values" in vision:
             vision["pixel_values"] = vision["pixel_values"].to(self.hf_model.dtype)
-        out = self.hf_model.model(
+        return self.hf_model.model(
             input_ids=batch["input_ids"],
             attention_mask=self.attention_mask(batch, policy),
             position_ids=self.position_ids(batch),
             mm_token_type_ids=(batch["input_ids"] == self.image_token_id).to(torch.int32),
             use_cache=False,
             **vision,
+            **kwargs,
         )
-        return out.last_hidden_state
+
+    def hidden_states(self, batch: dict, policy: str) -> torch.Tensor:
+        return self.backbone_outputs(batch, policy).last_hidden_state
 
     def logits(self, batch: dict, policy: str) -> torch.Tensor:
         return self.hf_model.lm_head(self.hidden_states(batch, policy)).float()

@@ -34,19 +34,8 @@ def attention_weights(model, batch: dict, policy: str) -> list[torch.Tensor]:
     if model.backend != "eager" or impl != "eager":
         raise ValueError(f"attention probes need the eager attention kernel (model loaded with {model.backend!r}); "
                          "load with attn_backend='eager' (launch/eval.py --probe attention does)")
-    vision = {k: batch[k] for k in model.adapter.vision_keys if k in batch}
-    if "pixel_values" in vision:
-        vision["pixel_values"] = vision["pixel_values"].to(model.hf_model.dtype)
     with torch.no_grad():
-        out = model.hf_model.model(
-            input_ids=batch["input_ids"],
-            attention_mask=model.attention_mask(batch, policy),
-            position_ids=model.position_ids(batch),
-            mm_token_type_ids=(batch["input_ids"] == model.image_token_id).to(torch.int32),
-            output_attentions=True,
-            use_cache=False,
-            **vision,
-        )
+        out = model.backbone_outputs(batch, policy, output_attentions=True)
     if not out.attentions or out.attentions[0] is None:
         raise RuntimeError("the model returned no attention weights (is the eager kernel in use?)")
     return list(out.attentions)
