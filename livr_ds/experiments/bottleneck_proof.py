@@ -139,36 +139,6 @@ def _train(args, out: str, run: str, stage: str, sets: list[str], extra: list[st
                            f"log {log_path}:\n{_log_tail(log_path)}")
 
 
-def portable_init(export_dir: str, dest: str) -> str:
-    """Stage 1's export with the weights stored under the model's own parameter names.
-
-    A full-weight export (`model.trainable: all`, "merged": true) is written by transformers'
-    save_pretrained in the checkpoint key layout (visual.*, model.layers.*), which
-    init_from_export's load_state_dict does not map back (model.visual.*,
-    model.language_model.*): `--stage all` then stops at Stage 2 with "checkpoint tensors did not
-    match the model". Loading through from_pretrained (which maps the keys) and re-saving the
-    state dict sidesteps that until the trainer maps the keys itself.
-    """
-    from safetensors.torch import save_file
-
-    from ..models import get_adapter
-    from ..train.checkpoint import read_livr_metadata
-
-    meta = read_livr_metadata(export_dir)
-    if not meta.get("merged"):
-        return export_dir
-    model = get_adapter(meta["family"]).load_model(export_dir)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.makedirs(dest)
-    for name in os.listdir(export_dir):
-        src = os.path.join(export_dir, name)
-        if os.path.isfile(src) and not name.endswith(".safetensors") and not name.endswith(".index.json"):
-            shutil.copy(src, dest)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(dest, "model.safetensors"))
-    return dest
-
-
 def _data_weight(steps: int, args) -> float:
     """Loader weight that makes one epoch `steps` optimizer steps over the S1 * batch samples
     (weight w = floor(w) full passes + a fresh subset; livr_ds/data/reader.py)."""
@@ -204,7 +174,7 @@ def train_run(args, out: str, data: str, run: str, k: int, two_stage: bool) -> t
     if two_stage:
         common.append("schedule.stage1_epochs=1")
         _train(args, out, run, "1", common + stage_sets(args.stage1_steps), [], log_path)
-        init = portable_init(os.path.join(run_dir, "stage1", "export", "final"), os.path.join(run_dir, "stage1-init"))
+        init = os.path.join(run_dir, "stage1", "export", "final")
         _train(args, out, run, "2", common + stage_sets(args.stage2_steps), ["--init-from", init], log_path)
     else:  # Stage 2 only (standard mask), as long as both LIVR stages together
         common.append("schedule.stage1_epochs=0")
