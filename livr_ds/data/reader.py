@@ -63,14 +63,12 @@ Position: ``state_dict()`` = {"epoch", "batches_consumed", "samples_consumed" (g
 
 from __future__ import annotations
 
-import atexit
 import bisect
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import weakref
 from typing import Any, Callable, Iterator
 
 import torch
@@ -79,6 +77,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .plan import EpochPlan, Layout
 from .schema import DECLARED_MEMBER_RE, IMAGE_MEMBER_RE, DataError, Sample, decode_image, validate_record
+from .workers import ignore_stop_signals, live_worker_iterators, shutdown_workers
 from .sources import MANIFEST, ShardInfo, ShardSource, count_samples  # noqa: F401  (public API)
 
 log = logging.getLogger(__name__)
@@ -196,36 +195,6 @@ def decode_sample(raw: dict, shard: str) -> Sample:
 
 
 # ---- the per-epoch dataset run in each worker -----------------------------------------------
-# Workers ignore SIGTERM (below), so they must never be left for multiprocessing's exit handler,
-# which stops daemonic children with SIGTERM and then joins them: that would wait forever. Live
-# worker iterators are shut down through their queues instead, when their epoch ends or fails,
-# and at interpreter exit by this handler (registered after multiprocessing's, so it runs first).
-_live_worker_iterators: "weakref.WeakSet" = weakref.WeakSet()
-
-
-def _shutdown_workers(batches) -> None:
-    shutdown = getattr(batches, "_shutdown_workers", None)  # only multi-process iterators have workers
-    if shutdown is not None:
-        shutdown()
-    _live_worker_iterators.discard(batches)
-
-
-@atexit.register
-def _shutdown_live_workers() -> None:
-    for batches in list(_live_worker_iterators):
-        _shutdown_workers(batches)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave stop signals to the trainer. SLURM signals every process of a job step;
-    torch's worker SIGTERM handler would kill the worker, and the rank would die before it
-    could write its resume checkpoint."""
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def _identity(x):
     return x
 
@@ -479,12 +448,12 @@ class LivrLoader:
             # see different dropout masks than the uninterrupted one.
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             if self.num_workers > 0:
-                kw["worker_init_fn"] = _ignore_stop_signals
+                kw["worker_init_fn"] = ignore_stop_signals
             dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             timeout=self.timeout, generator=gen, **kw)
             expected = start
             batches = iter(dl)
-            _live_worker_iterators.add(batches)
+            live_worker_iterators.add(batches)
             try:
                 for batch, info in batches:
                     if (info["epoch"], info["batch"]) != (epoch, expected):
@@ -498,7 +467,7 @@ class LivrLoader:
                     self.stats["bad_keys"] = (self.stats["bad_keys"] + [k for k, _ in info["bad"]])[-1000:]
                     yield batch
             finally:  # an error or an abandoned epoch: stop the workers through their queues now
-                _shutdown_workers(batches)
+                shutdown_workers(batches)
             if expected != total:
                 raise DataError(f"internal: rank {self.rank} got {expected} of {total} batches in epoch {epoch}")
         self.epoch, self._consumed = epoch + 1, 0
