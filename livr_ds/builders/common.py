@@ -132,19 +132,44 @@ def marker_sizes(im: Image.Image) -> tuple[int, int, int]:
     return max(6, round(0.014 * long)), max(2, round(0.004 * long)), max(14, round(0.035 * long))
 
 
-def _text_box(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, size: int, im_size,
-              left_of: float | None = None) -> None:
-    """A white label box at xy; when it would leave the image on the right and `left_of` is
-    given, it goes to the left of that x instead (so it never covers its circle)."""
-    f = font(size)
-    l, t, r, b = draw.textbbox((0, 0), text, font=f)
-    w, h = r - l + 6, b - t + 6
-    if left_of is not None and xy[0] + w > im_size[0]:
-        xy = (left_of - w, xy[1])
-    x = min(max(0, xy[0]), im_size[0] - w)
-    y = min(max(0, xy[1]), im_size[1] - h)
+def _label_size(draw: ImageDraw.ImageDraw, text: str, size: int) -> tuple[int, int, int, int]:
+    l, t, r, b = draw.textbbox((0, 0), text, font=font(size))
+    return r - l + 6, b - t + 6, l, t
+
+
+def _put_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, size: int) -> None:
+    w, h, l, t = _label_size(draw, text, size)
+    x, y = xy
     draw.rectangle((x, y, x + w, y + h), fill=(255, 255, 255), outline=(0, 0, 0))
-    draw.text((x + 3 - l, y + 3 - t), text, fill=(0, 0, 0), font=f)
+    draw.text((x + 3 - l, y + 3 - t), text, fill=(0, 0, 0), font=font(size))
+
+
+def _overlap(a, b) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def place_labels(draw, points, labels, r: int, fs: int, im_size) -> list[tuple[float, float, float, float]]:
+    """A box beside each circle (right, left, above, below, then the diagonals): the first spot that stays
+    in the image and covers no circle and no earlier label, else the least-overlapping one."""
+    W, H = im_size
+    circles = [(x - r - 1, y - r - 1, x + r + 1, y + r + 1) for x, y in points]
+    placed: list[tuple[float, float, float, float]] = []
+    for (x, y), lab in zip(points, labels):
+        w, h, _, _ = _label_size(draw, lab, fs)
+        g = r + 2
+        spots = [(x + g, y - h), (x - g - w, y - h), (x - w / 2, y - g - h), (x - w / 2, y + g),
+                 (x + g, y), (x - g - w, y), (x + g, y - g - h), (x - g - w, y + g)]
+        best, best_cost = None, None
+        for sx, sy in spots:
+            sx, sy = min(max(0, sx), W - w), min(max(0, sy), H - h)
+            cand = (sx, sy, sx + w, sy + h)
+            cost = sum(_overlap(cand, o) for o in circles + placed)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = cand, cost
+            if cost == 0:
+                break
+        placed.append(best)
+    return placed
 
 
 def draw_points(im: Image.Image, points: list[tuple[float, float]], labels: list[str],
@@ -153,10 +178,11 @@ def draw_points(im: Image.Image, points: list[tuple[float, float]], labels: list
     im = im.copy()
     d = ImageDraw.Draw(im)
     r, w, fs = marker_sizes(im)
-    for (x, y), lab in zip(points, labels):
+    for x, y in points:
         d.ellipse((x - r, y - r, x + r, y + r), outline=colour, width=w)
         d.ellipse((x - 1, y - 1, x + 1, y + 1), fill=colour)
-        _text_box(d, (x + r + 2, y - fs), lab, fs, im.size, left_of=x - r - 2)
+    for box, lab in zip(place_labels(d, points, labels, r, fs, im.size), labels):
+        _put_label(d, box[:2], lab, fs)
     return im
 
 
@@ -167,7 +193,8 @@ def draw_boxes(im: Image.Image, boxes: list[tuple[float, float, float, float]], 
     _, w, fs = marker_sizes(im)
     for i, (box, lab) in enumerate(zip(boxes, labels)):
         d.rectangle(tuple(box), outline=colours[i % len(colours)], width=w)
-        _text_box(d, (box[0] + w, box[1] + w), lab, fs, im.size)
+        lw, lh, _, _ = _label_size(d, lab, fs)
+        _put_label(d, (min(max(0, box[0] + w), im.width - lw), min(max(0, box[1] + w), im.height - lh)), lab, fs)
     return im
 
 
