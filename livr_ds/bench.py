@@ -6,6 +6,8 @@ Benchmarks (each compares two things in the same process, same batch, interleave
 - packing:  real-token fraction and tokens/s, packed vs padded rows, on the demo multi-task mix
 - loader:   loader samples/s (decode + processor, per worker count) vs what a train step consumes
 - trainer:  livr-ds's loop vs transformers Trainer + PEFT + DeepSpeed, same model, batches, global batch
+- arch:     a published architecture (Qwen2.5-VL-3B, Qwen3-VL-4B) with random weights, bf16 on GPU:
+            Stage 1 vs 2 per backend, tokens/s, MFU, memory
 """
 
 from __future__ import annotations
@@ -114,17 +116,17 @@ def bench_mask(lengths=(1024, 4096, 16384), repeats=3):
     return rows
 
 
-def bench_packing(model_path, family, data_dir, batch_size=16, repeats=5, max_tokens=1024):
+def bench_packing(model_path, family, data_dir, batch_size=16, repeats=5, max_tokens=(512, 1024)):
+    """The same samples as padded rows and as packed rows of at most each max_tokens."""
     from .data.collate import LivrCollator
 
     bb = _backbone(model_path, family, "sdpa", 4)
     samples = _demo_samples(data_dir, batch_size)
     model = bb.model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    batches = {
-        "padded": LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens)(samples),
-        "packed": LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens, packing=True)(samples),
-    }
+    batches = {"padded": LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max(max_tokens))(samples)}
+    for n in max_tokens:
+        batches[f"packed {n}"] = LivrCollator(bb.adapter, bb.processor, bb.latent_ids, n, packing=True)(samples)
 
     def step(batch):
         def run():
@@ -139,7 +141,7 @@ def bench_packing(model_path, family, data_dir, batch_size=16, repeats=5, max_to
         real = b["meta"]["tokens"]
         rows.append({"layout": k, "rows": b["input_ids"].shape[0], "row_len": b["input_ids"].shape[1],
                      "real_token_fraction": real / b["input_ids"].numel(), "step_s": t[k],
-                     "real_tokens_per_s": real / t[k]})
+                     "real_tokens_per_s": real / t[k], "vs_padded": t["padded"] / t[k]})
     return rows
 
 
@@ -166,7 +168,9 @@ def bench_loader(model_path, family, data_dir, batch_size=8, batches=12, workers
     return rows
 
 
-def run_all(out: str, model_path: str | None, family: str, data_dir: str | None, only=None, repeats=10) -> dict:
+def run_all(out: str, model_path: str | None, family: str, data_dir: str | None, only=None, repeats=10,
+            archs=("qwen2_5_vl_3b", "qwen3_vl_4b"), arch_batch: int = 4, image_pixels: int = 448 * 448,
+            peak_tflops: float | None = None) -> dict:
     from .data.demo import make_demo
     from .models import get_adapter
 
@@ -180,7 +184,7 @@ def run_all(out: str, model_path: str | None, family: str, data_dir: str | None,
                           "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
               "model": model_path, "family": family}
-    todo = only or ["stage", "mask", "packing", "loader", "trainer"]
+    todo = only or ["stage", "mask", "packing", "loader", "trainer"] + (["arch"] if torch.cuda.is_available() else [])
     if "stage" in todo:
         result["stage"] = bench_stage(model_path, family, data_dir, repeats=repeats)
     if "mask" in todo:
@@ -195,6 +199,19 @@ def run_all(out: str, model_path: str | None, family: str, data_dir: str | None,
                                                "best_loader_samples_per_s": max(r["samples_per_s"] for r in result["loader"])}
     if "trainer" in todo:
         result["trainer"] = bench_vs_trainer(model_path, family, data_dir)
+    if "arch" in todo:
+        from .models.archs import arch_spec
+
+        result["arch"] = []
+        for arch in archs:
+            path = arch if arch.startswith("arch:") else f"arch:{arch}"
+            result["arch"] += bench_arch(path, arch_spec(path)[0]["family"], data_dir, batch_size=arch_batch,
+                                         repeats=max(3, repeats // 2), image_pixels=image_pixels,
+                                         peak_tflops=peak_tflops)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            with open(out, "w") as f:  # a long run keeps what it has measured so far
+                json.dump(result, f, indent=1)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -219,6 +236,7 @@ def format_tables(result: dict) -> str:
     table("Packed vs padded rows", result.get("packing"))
     table("Loader throughput (decode + processor + collate)", result.get("loader"))
     table("livr-ds vs transformers Trainer + PEFT + DeepSpeed (Direct SFT, same batches)", result.get("trainer"))
+    table("Published architectures, random weights: Stage 1 vs Stage 2 per backend", result.get("arch"))
     if "loader_vs_consumption" in result:
         lc = result["loader_vs_consumption"]
         lines.append(f"\nloader / training consumption: {lc['best_loader_samples_per_s'] / lc['train_samples_per_s']:.2f}x")
@@ -226,7 +244,8 @@ def format_tables(result: dict) -> str:
 
 
 def _bench_cmd(args) -> int:
-    result = run_all(args.out, args.model_path, args.family, args.data, args.only, args.repeats)
+    result = run_all(args.out, args.model_path, args.family, args.data, args.only, args.repeats, archs=args.arch,
+                     arch_batch=args.arch_batch, image_pixels=args.image_pixels, peak_tflops=args.peak_tflops)
     print(format_tables(result))
     print(f"\nwrote {args.out}")
     return 0
@@ -238,8 +257,14 @@ def add_bench_command(sub) -> None:
     p.add_argument("--model-path", default=None, help="a local checkpoint (default: a tiny random one)")
     p.add_argument("--family", default="qwen2_5_vl")
     p.add_argument("--data", default=None, help="shard dir (default: a small demo set)")
-    p.add_argument("--only", nargs="+", choices=["stage", "mask", "packing", "loader", "trainer"])
+    p.add_argument("--only", nargs="+", choices=["stage", "mask", "packing", "loader", "trainer", "arch"],
+                   help="default: all (arch only when a GPU is present)")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--arch", nargs="+", default=["qwen2_5_vl_3b", "qwen3_vl_4b"],
+                   help="published architectures for `arch` (random weights; NAME:N keeps N LM layers)")
+    p.add_argument("--arch-batch", type=int, default=4, help="samples per step in `arch`")
+    p.add_argument("--image-pixels", type=int, default=448 * 448, help="pixels per image in `arch` (sets token count)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU when the GPU is not in the table")
     p.set_defaults(func=_bench_cmd)
 
 
@@ -319,3 +344,116 @@ def bench_vs_trainer(model_path, family, data_dir, rounds=3, steps=5, batch_size
     return [{"stack": "livr-ds (DeepSpeed engine loop)", "step_s": a, "tokens_per_s": tokens / a},
             {"stack": "transformers Trainer + PEFT + DeepSpeed", "step_s": b, "tokens_per_s": tokens / b},
             {"stack": "ratio livr-ds / Trainer (steps/s)", "step_s": b / a, "tokens_per_s": None}]
+
+
+# Dense bf16 tensor-core peak, FLOP/s, by device name (vendor datasheets); --peak-tflops overrides.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
+             "RTX 6000 Ada": 364e12}
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    for key, peak in PEAK_BF16.items():  # the more specific names come first
+        if device_name and key in device_name:
+            return peak
+    return None
+
+
+def step_flops(hf_model, adapter, batch: dict) -> dict:
+    """FLOPs one LoRA train step must do, counted from the shapes (not measured by a profiler).
+
+    LM matmuls: forward 2N and the input-gradient backward 2N per real token; the frozen weights
+    take no weight gradient, LoRA's are negligible ("4N"). `6N` is the full-fine-tuning convention
+    (PaLM's MFU), reported alongside for comparison with other tools. Attention: 2 x 2 S^2 d per
+    layer per document forward, causal half, times 3 with backward. N excludes the embedding and
+    output head (livr-ds computes logits only where answers are predicted). Vision tower: forward
+    only (frozen, run without a graph), 2 N_vis per patch.
+    """
+    from . import segments
+
+    text = adapter.text_config(hf_model)
+    vision = {id(p) for m in adapter.vision_modules(hf_model) for p in m.parameters()}
+    embed = {id(p) for m in (hf_model.get_input_embeddings(), hf_model.get_output_embeddings()) for p in m.parameters()}
+    n_lm = sum(p.numel() for p in hf_model.parameters() if id(p) not in vision and id(p) not in embed)
+    n_vis = sum(p.numel() for p in hf_model.parameters() if id(p) in vision)
+    real = batch["segment_ids"] != segments.PAD
+    tokens = int(real.sum())
+    doc_sq = 0
+    for row in range(batch["doc_ids"].shape[0]):
+        docs = batch["doc_ids"][row][real[row]]
+        doc_sq += int((torch.bincount(docs).double() ** 2).sum())
+    d_attn = text.num_attention_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    attn = 3 * 2 * 2 * doc_sq * d_attn * text.num_hidden_layers / 2
+    patches = int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0
+    vis = 2 * n_vis * patches
+    return {"tokens": tokens, "lm_params": n_lm, "vision_params": n_vis, "image_patches": patches,
+            "flops_4n": 4 * n_lm * tokens + attn + vis, "flops_6n": 6 * n_lm * tokens + attn + vis}
+
+
+def bench_arch(model_path: str, family: str, data_dir: str, batch_size: int = 4, repeats: int = 5,
+               image_pixels: int = 448 * 448, backends=None, peak_tflops: float | None = None) -> list[dict]:
+    """Stage 1 vs Stage 2 train steps (forward, backward, AdamW on LoRA + latent rows) of a real-size
+    architecture (`arch:<name>` or a checkpoint), bf16 on a GPU, fp32 on CPU (smoke runs only).
+
+    Backends: on a GPU flex (Stage 1; Stage 2 as well, for the flex-vs-flash ratio) and flash-attn
+    when installed, else sdpa; on CPU sdpa. Tokens/s count real (non-pad) tokens; peak memory is
+    torch.cuda.max_memory_allocated over the timed steps."""
+    from .config import load_config
+    from .data.collate import LivrCollator
+    from .generate import to_device
+    from .modeling import build_backbone
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if backends is None:
+        try:
+            import flash_attn  # noqa: F401
+            standard = "flash"
+        except ImportError:
+            standard = "sdpa"
+        backends = ("flex", standard) if cuda else ("sdpa",)
+    samples = _demo_samples(data_dir, batch_size)
+    name = torch.cuda.get_device_name() if cuda else None
+    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(name)
+    steps, info = {}, {}
+    for backend in backends:
+        cfg = load_config(None, [f"model.family={family}", f"model.path={model_path}", "latents.num=16",
+                                 f"model.attn_backend={backend}", f"model.dtype={'bfloat16' if cuda else 'float32'}",
+                                 f"model.min_pixels={image_pixels}", f"model.max_pixels={image_pixels}"])
+        bb = build_backbone(cfg, policy="standard" if backend == "flash" else "bottleneck", device=device)
+        model = bb.model.to(device).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        batch = LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens=32768)(samples)
+        info[backend] = step_flops(bb.model.hf_model, bb.adapter, batch)
+        batch = to_device(batch, device)
+
+        def step(policy, model=model, opt=opt, batch=batch):
+            def run():
+                opt.zero_grad(set_to_none=True)
+                model(batch, policy).backward()
+                opt.step()
+                if cuda:
+                    torch.cuda.synchronize()
+            return run
+
+        for policy in ("bottleneck", "standard"):
+            if not (backend == "flash" and policy == "bottleneck"):  # flash cannot apply the mask
+                steps[(backend, policy)] = step(policy)
+    t = _interleaved(steps, repeats)
+    memory = {}
+    if cuda:  # per step: what it adds on top of everything resident (all backends' models)
+        for key, fn in steps.items():
+            torch.cuda.synchronize()
+            resident = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            memory[key] = {"resident_gib": resident / 2**30,
+                           "step_peak_gib": (torch.cuda.max_memory_allocated() - resident) / 2**30}
+    rows = []
+    for (backend, policy), s in t.items():
+        f = info[backend]
+        row = {"model": model_path, "backend": backend, "stage": 1 if policy == "bottleneck" else 2,
+               "step_s": s, "tokens": f["tokens"], "tokens_per_s": f["tokens"] / s,
+               "tflops_4n": f["flops_4n"] / s / 1e12, "mfu_4n": f["flops_4n"] / s / peak if peak else None,
+               "mfu_6n": f["flops_6n"] / s / peak if peak else None, **memory.get((backend, policy), {})}
+        rows.append(row)
+    return rows

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     family: Literal["qwen2_5_vl", "qwen3_vl", "llava_onevision"] = "qwen2_5_vl"
-    path: str = ""  # a local checkpoint directory; "tiny:<dir>" writes/uses a tiny random model
+    path: str = ""  # a local checkpoint dir; "tiny:<dir>" a tiny random model; "arch:<name>" a published arch, random
     dtype: Literal["float32", "bfloat16"] = "float32"
     # auto: flex on GPU when a mask needs it, flash-attn for unpacked standard masks if installed,
     # sdpa otherwise. eager is the slow reference.

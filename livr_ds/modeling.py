@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from . import segments
 from .config import ExperimentConfig
 from .models import BackboneAdapter, get_adapter
+from .models.archs import ARCH_PREFIX, arch_spec, build_random
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,12 @@ def resize_embeddings(model, vocab_size: int) -> None:
 
 
 def resolve_model_path(cfg: ExperimentConfig, adapter: BackboneAdapter) -> str:
-    """`tiny:<dir>` names a tiny random checkpoint, written once (atomically) if missing."""
+    """`tiny:<dir>` names a tiny random checkpoint, written once (atomically) if missing;
+    `arch:<name>` a published architecture with random weights (models/archs.py)."""
     path = cfg.model.path
+    if path.startswith(ARCH_PREFIX):
+        arch_spec(path)
+        return path
     if not path.startswith(TINY_PREFIX):
         if not path:
             raise ValueError("model.path is empty: give a local checkpoint directory or tiny:<dir>")
@@ -140,10 +145,14 @@ def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device |
     backend = pick_backend(cfg.model.attn_backend, policy, packed, device)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     image_kwargs = {k: getattr(cfg.model, k) for k in ("min_pixels", "max_pixels") if getattr(cfg.model, k)}
-    processor = adapter.load_processor(path, trust_remote_code=cfg.model.trust_remote_code,
-                                       image_kwargs=image_kwargs)
-    hf_model = adapter.load_model(path, dtype=dtype, attn_implementation=_HF_IMPL[backend],
-                                  trust_remote_code=cfg.model.trust_remote_code)
+    if path.startswith(ARCH_PREFIX):  # published architecture, random weights, built in place
+        processor, hf_model = build_random(path, adapter, dtype=dtype, attn_implementation=_HF_IMPL[backend],
+                                           device=device, image_kwargs=image_kwargs)
+    else:
+        processor = adapter.load_processor(path, trust_remote_code=cfg.model.trust_remote_code,
+                                           image_kwargs=image_kwargs)
+        hf_model = adapter.load_model(path, dtype=dtype, attn_implementation=_HF_IMPL[backend],
+                                      trust_remote_code=cfg.model.trust_remote_code)
     if backend == "flex":
         # The VL classes refuse flex_attention at load time; the text model honours it
         # when set on its config (STACK.md).

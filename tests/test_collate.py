@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from livr_ds import segments
-from livr_ds.data.collate import LivrCollator, SampleTooLong
+from livr_ds.data.collate import LivrCollator, SampleTooLong, pack_rows
 from livr_ds.data.schema import Sample
 from livr_ds.models import get_adapter
 
@@ -60,3 +60,28 @@ def test_too_long_is_a_clear_error_or_skipped(qwen, photos):
     batch = lenient([sample(photos, "big", 3), sample(photos, "small", 1, choices=(), answer="3")])
     assert batch["meta"]["keys"] == ["small"] and batch["meta"]["skipped"] == 1
     assert processor.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100]) == "3<|im_end|>"
+
+
+def _padded_fraction(rows, lengths):
+    return sum(lengths) / (len(rows) * max(sum(lengths[i] for i in r) for r in rows))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pack_rows_plan(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(60, 400, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+    rows = pack_rows(lengths, 1024)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))  # every sample once
+    assert all(sum(lengths[i] for i in r) <= 1024 for r in rows)
+    assert len(rows) <= -(-sum(lengths) // 1024) + 1  # never more rows than the bound allows...
+    if len(lengths) >= 8:  # ...and balanced: the rows a batch is padded to are nearly full
+        assert _padded_fraction(rows, lengths) >= 0.9, (lengths, rows)
+
+
+def test_pack_rows_balances_instead_of_leaving_a_half_empty_row():
+    lengths = [300] * 9  # first fit: 3 + 3 + 3 rows of 900; 10 samples: 3 + 3 + 3 + 1
+    assert [len(r) for r in pack_rows(lengths, 1024)] == [3, 3, 3]
+    lengths = [200] * 11  # 2,200 tokens: first fit gives 5 + 5 + 1 (padded to 1,000: 0.73 real)
+    rows = pack_rows(lengths, 1024)
+    assert sorted(len(r) for r in rows) == [3, 4, 4] and _padded_fraction(rows, lengths) > 0.9
+    assert pack_rows([], 1024) == []

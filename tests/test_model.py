@@ -196,3 +196,35 @@ def test_gradient_checkpointing_changes_nothing(tiny_dirs, photos):
     assert g0.keys() == g1.keys() and all(g1[n] is not None for n in g1)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl_3b", "qwen3_vl_4b"])
+def test_published_architectures_have_the_released_size(name):
+    """arch:<name> (the bench's real-size models) rebuilds the released config.json: built on the meta
+    device, its parameter count equals the released checkpoint's, to the parameter."""
+    from livr_ds.models import get_adapter
+    from livr_ds.models.archs import PUBLISHED, build_random
+
+    spec = PUBLISHED[name]
+    adapter = get_adapter(spec["family"])
+    processor, model = build_random(f"arch:{name}", adapter, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                    device="meta")
+    assert sum(p.numel() for p in model.parameters()) == spec["params"]
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids(adapter.image_token)
+    assert processor.image_processor.patch_size == spec["vision"]["patch_size"]
+    _, two = build_random(f"arch:{name}:2", adapter, dtype=torch.bfloat16, attn_implementation="sdpa",
+                          device="meta")
+    assert adapter.text_config(two).num_hidden_layers == 2
+
+
+def test_published_architecture_errors():
+    from livr_ds.models import get_adapter
+    from livr_ds.models.archs import arch_config, arch_spec
+
+    with pytest.raises(ValueError, match="unknown architecture 'qwen9'"):
+        arch_spec("arch:qwen9")
+    with pytest.raises(ValueError, match="positive integer"):
+        arch_spec("arch:qwen3_vl_4b:zero")
+    adapter = get_adapter("qwen2_5_vl")
+    with pytest.raises(ValueError, match="is a qwen3_vl architecture but model.family is 'qwen2_5_vl'"):
+        arch_config("arch:qwen3_vl_4b", adapter, adapter.build_tiny_processor())

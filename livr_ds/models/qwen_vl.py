@@ -50,13 +50,13 @@ class QwenVLAdapter(BackboneAdapter):
     def vision_modules(self, model):
         return [model.model.visual]
 
-    def build_tiny_processor(self):
+    def build_tiny_processor(self, **image_kwargs):
         tok = build_tiny_tokenizer(
             QWEN_SPECIAL_TOKENS, self.image_token,
             image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
         )
         image_processor = Qwen2VLImageProcessorPil(
-            patch_size=self.patch_size, merge_size=2, temporal_patch_size=2, **TINY_PIXELS
+            patch_size=self.patch_size, merge_size=2, temporal_patch_size=2, **{**TINY_PIXELS, **image_kwargs}
         )
         return self.processor_class(image_processor=image_processor, tokenizer=tok, video_processor=None,
                                     chat_template=tok.chat_template)
