@@ -37,14 +37,17 @@ def _timeit(fn, repeats: int) -> float:
 
 
 def _interleaved(fns: dict, repeats: int) -> dict:
-    """Median time of each fn, calls interleaved so drift in machine load hits all alike."""
+    """Median time of each fn, calls interleaved so drift in machine load hits all alike; the
+    order reverses every round, so whatever a call inherits from the one before (caches, another
+    model's weights) is shared out evenly too."""
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    order = list(fns)
+    for r in range(repeats):
+        for k in order if r % 2 == 0 else order[::-1]:
             t = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
