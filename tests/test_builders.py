@@ -412,3 +412,69 @@ def test_hpatches_bad_layout(tmp_path):
     os.remove(os.path.join(root, "v_scene1", "H_1_4"))
     with pytest.raises(DataError, match="H_1_4"):
         build_task("visual_correspondence", str(tmp_path / "o"), source=root, seed=1)
+
+
+def _unit_images(task, root, x) -> list[Image.Image]:
+    """The source images a unit is de-duplicated by (before markers are drawn)."""
+    m = x["meta"]
+    if task == "jigsaw":
+        names = [os.path.join("train2017", m["file"])]
+    elif task == "visual_correspondence":
+        names = [os.path.join(m["sequence"], f"{i}.ppm") for i in m["pair"]]
+    elif task == "art_style":
+        names = [os.path.join("train", m["reference"])]
+    else:  # functional correspondence (a pair), visual similarity (a triplet)
+        names = m["images"]
+    return [Image.open(os.path.join(root, n)).convert("RGB") for n in names]
+
+
+DEDUP_MORE = {"jigsaw": "Jigsaw", "visual_correspondence": "Visual_Correspondence", "art_style": "Art_Style",
+              "functional_correspondence": "Functional_Correspondence", "visual_similarity": "Visual_Similarity"}
+
+
+@pytest.mark.parametrize("task", sorted(DEDUP_MORE))
+def test_dedup_removes_the_unit_of_an_injected_near_duplicate(src, tmp_path, task):
+    """Near-duplicates (re-encoded, resized, blurred) of one unit's source images, as one test sample,
+    remove that unit; an unrelated test image removes nothing (every other unit is still built)."""
+    if task == "jigsaw":
+        root, make_sizes = src["coco"], {"n_train": 6, "n_val": 3}
+    else:
+        make, sizes, _ = MORE[task]
+        root, make_sizes = make(str(tmp_path / "src")), {f"n_{s}": n for s, n in sizes.items()}
+    base = str(tmp_path / "base")
+    build_task(task, base, source=root, seed=42, **make_sizes)
+    x = read_split(base, "train")[0]
+    test = blink_parquet(str(tmp_path / "t.parquet"), [[near_duplicate(im) for im in _unit_images(task, root, x)],
+                                                       [texture(6161, 240, 180)]], DEDUP_MORE[task])
+    out = str(tmp_path / "dd")
+    m = build_task(task, out, source=root, seed=42, dedup_against=test, **make_sizes)
+    assert m["build"]["splits"]["train"]["dedup_removed"] >= 1
+    # a unit is its set of source images: (a, b) and (b, a) are the same pair, both removed
+    units = lambda d, s: {frozenset(y["meta"]["source_unit"].split("|")) for y in read_split(d, s)}  # noqa: E731
+    got, mine = units(out, "train") | units(out, "val"), frozenset(x["meta"]["source_unit"].split("|"))
+    assert mine not in got
+    assert units(base, "train") - {mine} <= got
+
+
+def test_multitask_config_reads_the_six_built_tasks(src, tmp_path, monkeypatch):
+    """configs/livr_multitask_6k.yaml over six built tasks is the paper's mixture: one epoch holds
+    every sample of the six train splits exactly once (6 x n here, 6 x 1000 at full size)."""
+    from livr_ds.config import load_config
+    from livr_ds.data.reader import LivrLoader, ShardSource
+
+    n = 4
+    kw = {"counting": {"source": src["pixmo"], "source_2": src["pixmo_images"]},
+          "localization": {"source": src["coco"]}, "relative_reflectance": {"source": src["mid"]}}
+    for task in ("visual_correspondence", "semantic_correspondence", "functional_correspondence"):
+        kw[task] = {"source": MORE[task][0](str(tmp_path / "src" / task))}
+    for task, k in kw.items():
+        build_task(task, str(tmp_path / "shards" / task), seed=42, n_train=n, n_val=2,
+                   n_test=2 if TASKS[task][2][2] else 0, **k)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "livr_multitask_6k.yaml"))
+    assert (cfg.schedule.stage1_epochs, cfg.schedule.stage2_epochs) == (2, 3)
+    loader = LivrLoader([ShardSource(s.path, weight=s.weight) for s in cfg.data.train], 0, 1, batch_size=5,
+                        seed=cfg.seed, collate_fn=lambda b: b)
+    seen = [(s.task, s.key) for batch in loader for s in batch if not (s.meta or {}).get("_pad")]
+    assert len(seen) == len(set(seen)) == 6 * n
+    assert Counter(t for t, _ in seen) == {t: n for t in kw}
