@@ -27,6 +27,7 @@ for m in ("transformers", "peft", "webdataset", "flash_attn"):
     except ImportError:
         print(m, "NOT INSTALLED")
 EOF
-# The CPU-only rows (loader, trainer) need DeepSpeed and the build machine; they are not rerun here.
-"$PY" -m livr_ds.cli bench --only stage mask packing arch --repeats ${REPEATS:-6} \
+# stage, packing, loader and trainer are the CPU rows (tiny model); on a GPU, arch measures Stage 1 vs 2
+# per backend and packed vs padded rows on the real-size models.
+"$PY" -m livr_ds.cli bench --only mask arch --repeats ${REPEATS:-6} \
     --arch ${ARCHS:-qwen2_5_vl_3b qwen3_vl_4b} --out "$OUT/bench_gpu.json" "$@"

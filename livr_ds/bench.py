@@ -95,23 +95,35 @@ def bench_stage(model_path, family, data_dir, batch_size=8, repeats=10, backends
              "ratio": t[(b, "stage1")] / t[(b, "stage2")], "tokens": tokens[b]} for b in backends]
 
 
+def _synced(fn):
+    """fn, then wait for the GPU (if any), so wall-clock timing sees the kernels' time."""
+    def run():
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
 def bench_mask(lengths=(1024, 4096, 16384), repeats=3):
+    """Dense bool mask vs flex BlockMask for one row, on the GPU when there is one."""
     from . import segments
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for L in lengths:
-        seg = torch.full((1, L), segments.PROMPT)
+        seg = torch.full((1, L), segments.PROMPT, device=device)
         seg[0, 16:16 + L // 2] = segments.IMAGE
         seg[0, -64:-16] = segments.LATENT
         seg[0, -16:] = segments.ANSWER
         doc = torch.zeros_like(seg)
-        dense_s = _timeit(lambda: segments.dense_mask(seg, doc, "bottleneck"), repeats)
-        dense_bytes = segments.dense_mask(seg, doc, "bottleneck").element_size() * L * L
-        row = {"L": L, "dense_s": dense_s, "dense_bytes": dense_bytes,
-               "additive_fp32_bytes": 4 * L * L}
+        dense = _synced(lambda seg=seg, doc=doc: segments.dense_mask(seg, doc, "bottleneck"))
+        flex = _synced(lambda seg=seg, doc=doc: segments.block_mask(seg, doc, "bottleneck"))
+        row = {"L": L, "device": device, "dense_s": _timeit(dense, repeats),
+               "dense_bytes": dense().element_size() * L * L, "additive_fp32_bytes": 4 * L * L}
         try:
-            bm = segments.block_mask(seg, doc, "bottleneck")
-            row["flex_s"] = _timeit(lambda: segments.block_mask(seg, doc, "bottleneck"), repeats)
+            bm = flex()
+            row["flex_s"] = _timeit(flex, repeats)
             row["flex_bytes"] = sum(t.numel() * t.element_size() for t in bm.as_tuple() if torch.is_tensor(t))
         except (RuntimeError, MemoryError) as e:  # uncompiled create_block_mask materialises L x L
             row["flex_error"] = str(e)[:200]
@@ -172,7 +184,7 @@ def bench_loader(model_path, family, data_dir, batch_size=8, batches=12, workers
 
 
 def run_all(out: str, model_path: str | None, family: str, data_dir: str | None, only=None, repeats=10,
-            archs=("qwen2_5_vl_3b", "qwen3_vl_4b"), arch_batch: int = 4, image_pixels: int = 448 * 448,
+            archs=("qwen2_5_vl_3b", "qwen3_vl_4b"), arch_batch: int = 8, image_pixels: int = 448 * 448,
             peak_tflops: float | None = None) -> dict:
     from .data.demo import make_demo
     from .models import get_adapter
@@ -265,7 +277,7 @@ def add_bench_command(sub) -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--arch", nargs="+", default=["qwen2_5_vl_3b", "qwen3_vl_4b"],
                    help="published architectures for `arch` (random weights; NAME:N keeps N LM layers)")
-    p.add_argument("--arch-batch", type=int, default=4, help="samples per step in `arch`")
+    p.add_argument("--arch-batch", type=int, default=8, help="samples per step in `arch`")
     p.add_argument("--image-pixels", type=int, default=448 * 448, help="pixels per image in `arch` (sets token count)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU when the GPU is not in the table")
     p.set_defaults(func=_bench_cmd)
@@ -392,14 +404,15 @@ def step_flops(hf_model, adapter, batch: dict) -> dict:
             "flops_4n": 4 * n_lm * tokens + attn + vis, "flops_6n": 6 * n_lm * tokens + attn + vis}
 
 
-def bench_arch(model_path: str, family: str, data_dir: str, batch_size: int = 4, repeats: int = 5,
-               image_pixels: int = 448 * 448, backends=None, peak_tflops: float | None = None) -> list[dict]:
+def bench_arch(model_path: str, family: str, data_dir: str, batch_size: int = 8, repeats: int = 5,
+               image_pixels: int = 448 * 448, backends=None, peak_tflops: float | None = None,
+               packed_tokens: int = 8192) -> list[dict]:
     """Stage 1 vs Stage 2 train steps (forward, backward, AdamW on LoRA + latent rows) of a real-size
     architecture (`arch:<name>` or a checkpoint), bf16 on a GPU, fp32 on CPU (smoke runs only).
 
-    Backends: on a GPU flex (Stage 1; Stage 2 as well, for the flex-vs-flash ratio) and flash-attn
-    when installed, else sdpa; on CPU sdpa. Tokens/s count real (non-pad) tokens; peak memory is
-    torch.cuda.max_memory_allocated over the timed steps."""
+    Backends: on a GPU flex (both stages, padded and packed rows) and, for Stage 2 on padded rows,
+    flash-attn when installed, else sdpa; on CPU sdpa. Tokens/s count real (non-pad) tokens; memory
+    is what a step adds on top of everything resident (all backends' models)."""
     from .config import load_config
     from .data.collate import LivrCollator
     from .generate import to_device
@@ -415,8 +428,7 @@ def bench_arch(model_path: str, family: str, data_dir: str, batch_size: int = 4,
             standard = "sdpa"
         backends = ("flex", standard) if cuda else ("sdpa",)
     samples = _demo_samples(data_dir, batch_size)
-    name = torch.cuda.get_device_name() if cuda else None
-    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(name)
+    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(torch.cuda.get_device_name() if cuda else None)
     steps, info = {}, {}
     for backend in backends:
         cfg = load_config(None, [f"model.family={family}", f"model.path={model_path}", "latents.num=16",
@@ -425,25 +437,28 @@ def bench_arch(model_path: str, family: str, data_dir: str, batch_size: int = 4,
         bb = build_backbone(cfg, policy="standard" if backend == "flash" else "bottleneck", device=device)
         model = bb.model.to(device).train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-        batch = LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens=32768)(samples)
-        info[backend] = step_flops(bb.model.hf_model, bb.adapter, batch)
-        batch = to_device(batch, device)
+        layouts = {"padded": LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens=packed_tokens)}
+        if backend != "flash":  # flash-attn cannot keep packed documents apart
+            layouts["packed"] = LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens=packed_tokens,
+                                             packing=True)
+        for layout, collate in layouts.items():
+            batch = collate(samples)
+            info[(backend, layout)] = {**step_flops(bb.model.hf_model, bb.adapter, batch),
+                                       "rows": tuple(batch["input_ids"].shape)}
+            batch = to_device(batch, device)
+            for policy in ("bottleneck", "standard"):
+                if backend == "flash" and policy == "bottleneck":  # flash cannot apply the mask
+                    continue
 
-        def step(policy, model=model, opt=opt, batch=batch):
-            def run():
-                opt.zero_grad(set_to_none=True)
-                model(batch, policy).backward()
-                opt.step()
-                if cuda:
-                    torch.cuda.synchronize()
-            return run
+                def step(policy=policy, model=model, opt=opt, batch=batch):
+                    opt.zero_grad(set_to_none=True)
+                    model(batch, policy).backward()
+                    opt.step()
 
-        for policy in ("bottleneck", "standard"):
-            if not (backend == "flash" and policy == "bottleneck"):  # flash cannot apply the mask
-                steps[(backend, policy)] = step(policy)
+                steps[(backend, layout, policy)] = _synced(step)
     t = _interleaved(steps, repeats)
     memory = {}
-    if cuda:  # per step: what it adds on top of everything resident (all backends' models)
+    if cuda:
         for key, fn in steps.items():
             torch.cuda.synchronize()
             resident = torch.cuda.memory_allocated()
@@ -452,11 +467,12 @@ def bench_arch(model_path: str, family: str, data_dir: str, batch_size: int = 4,
             memory[key] = {"resident_gib": resident / 2**30,
                            "step_peak_gib": (torch.cuda.max_memory_allocated() - resident) / 2**30}
     rows = []
-    for (backend, policy), s in t.items():
-        f = info[backend]
-        row = {"model": model_path, "backend": backend, "stage": 1 if policy == "bottleneck" else 2,
-               "step_s": s, "tokens": f["tokens"], "tokens_per_s": f["tokens"] / s,
-               "tflops_4n": f["flops_4n"] / s / 1e12, "mfu_4n": f["flops_4n"] / s / peak if peak else None,
-               "mfu_6n": f["flops_6n"] / s / peak if peak else None, **memory.get((backend, policy), {})}
-        rows.append(row)
+    for (backend, layout, policy), sec in t.items():
+        f = info[(backend, layout)]
+        rows.append({"model": model_path, "backend": backend, "layout": f"{layout} {f['rows'][0]}x{f['rows'][1]}",
+                     "stage": 1 if policy == "bottleneck" else 2, "step_s": sec, "tokens": f["tokens"],
+                     "tokens_per_s": f["tokens"] / sec, "tflops_4n": f["flops_4n"] / sec / 1e12,
+                     "mfu_4n": f["flops_4n"] / sec / peak if peak else None,
+                     "mfu_6n": f["flops_6n"] / sec / peak if peak else None,
+                     **memory.get((backend, layout, policy), {})})
     return rows
