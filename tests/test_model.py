@@ -228,3 +228,29 @@ def test_published_architecture_errors():
     adapter = get_adapter("qwen2_5_vl")
     with pytest.raises(ValueError, match="is a qwen3_vl architecture but model.family is 'qwen2_5_vl'"):
         arch_config("arch:qwen3_vl_4b", adapter, adapter.build_tiny_processor())
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_flex_backend_forward_equals_sdpa(tiny_dirs, photos, family):
+    """The GPU path's wiring, run forward-only on CPU (flex has no CPU backward): the BlockMask reaches
+    every text layer through transformers' flex integration, and logits equal the sdpa path's under
+    both policies, on padded and packed rows."""
+    torch._dynamo.reset()  # transformers compiles flex; a recompile for a 2nd model hits an inductor CPU bug
+    samples = [sample(photos[:1], "a"), sample(photos[1:3], "b", choices=(), answer="12"),
+               sample([photos[3]], "c", answer="B")]
+    logits = {}
+    for backend in ("sdpa", "flex"):
+        bb = make_backbone(tiny_dirs, family, **{"model.attn_backend": backend})
+        assert bb.model.backend == backend
+        m = bb.model.eval()
+        for packing in (False, True):
+            batch = LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens=512, packing=packing)(samples)
+            real = batch["segment_ids"] != segments.PAD
+            with torch.no_grad():
+                for policy in ("bottleneck", "standard"):
+                    logits[(backend, packing, policy)] = m.logits(batch, policy)[real]
+    for packing in (False, True):
+        for policy in ("bottleneck", "standard"):
+            torch.testing.assert_close(logits[("flex", packing, policy)], logits[("sdpa", packing, policy)],
+                                       rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(logits[("flex", packing, "bottleneck")], logits[("flex", packing, "standard")])
