@@ -13,7 +13,6 @@ them is a true duplicate and is reported as such.)
 from __future__ import annotations
 
 import io
-import itertools
 import os
 import sys
 

@@ -313,6 +313,22 @@ def test_shards_show_every_task(src, tmp_path, task):
     assert im.height >= 3 * 240 and im.width > 400
 
 
+def test_point_labels_never_cover_circles_or_each_other():
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", (448, 336))
+    r, _, fs = marker_sizes(im)
+    # four candidates packed as tightly as the builders allow (SPair: 5% of the long side), one at an edge
+    pts = [(200, 150), (222, 150), (211, 170), (440, 5)]
+    boxes = place_labels(ImageDraw.Draw(im), pts, list("ABCD"), r, fs, im.size)
+    circles = [(x - r, y - r, x + r, y + r) for x, y in pts]
+    inter = lambda a, b: min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])  # noqa: E731
+    for i, b in enumerate(boxes):
+        assert 0 <= b[0] and b[2] <= im.width and 0 <= b[1] and b[3] <= im.height
+        assert not any(inter(b, c) for c in circles)
+        assert not any(inter(b, o) for j, o in enumerate(boxes) if j != i)
+
+
 # ---- correspondence, art style, visual similarity ------------------------------------------
 from builder_fixtures import (hpatches_h, make_artbench, make_funkpoint, make_hpatches, make_nights,  # noqa: E402
                               make_spair)
