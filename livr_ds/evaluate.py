@@ -18,7 +18,8 @@ the answer can only use what the latents carry. Latents are input, never generat
 Exactly once: the loader gives every rank the same number of batches, padding the last global
 batch with repeated samples marked `is_pad`; those are dropped before generation. The global
 position of every sample is a function of (rank, batch, slot), so `--max-samples` takes the
-same subset at any world size and the gathered records are sorted into dataset order.
+same subset at any world size (a fixed seeded shuffle first, so that the subset mixes the tasks)
+and the gathered records are sorted into that order.
 
 Outputs: `results.json` ({"mode", "per_task": {task: {"accuracy", "n"}}, "mean", ...} plus
 provenance: checkpoint, data paths with the manifest's sha256, split, pixel budget, parse
@@ -95,11 +96,13 @@ def iter_samples(data: list[str], split: str, rank: int, world_size: int, batch_
                  max_samples: int = 0, num_workers: int = 0):
     """Yield (global positions, samples) per batch for this rank, padded duplicates removed.
 
-    Order is the dataset order (shuffle=False); position p of global batch b, rank r, slot i is
-    b * W * B + r * B + i, the same sample at any world size.
+    Order is the dataset order, or with max_samples a fixed shuffle (seed 0, epoch 0) so that the
+    first N mix every task instead of being the first task's; either way a pure function of the
+    sources, and position p of global batch b, rank r, slot i is b * W * B + r * B + i: the same
+    sample at any world size.
     """
     loader = LivrLoader([ShardSource(d, split=split) for d in data], rank=rank, world_size=world_size,
-                        batch_size=batch_size, num_workers=num_workers, seed=0, shuffle=False)
+                        batch_size=batch_size, num_workers=num_workers, seed=0, shuffle=bool(max_samples))
     for b, samples in enumerate(loader):
         base = b * world_size * batch_size + rank * batch_size
         keep = [(base + i, s) for i, s in enumerate(samples)
@@ -328,7 +331,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                         "choice, the option whose answer has the highest log-likelihood (multiple choice only)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per rank per generation batch")
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--max-samples", type=int, default=0, help="the first N samples of the split (0 = all)")
+    p.add_argument("--max-samples", type=int, default=0, help="a fixed mixed subset: the first N of a seeded shuffle of the split, the same at any world size (0 = all)")
     p.add_argument("--max-tokens", type=int, default=4096, help="refuse longer samples (answers are never cut)")
     p.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "eager"],
                    help="sdpa; eager is forced by --probe attention (attention weights need it)")

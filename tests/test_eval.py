@@ -262,6 +262,28 @@ def test_two_ranks_equal_one_process(lora_export, demo, tmp_path):
     assert m["probe"]["answer_to_latent"] == pytest.approx(s["probe"]["answer_to_latent"], rel=1e-5)
 
 
+def test_max_samples_is_a_fixed_mix_of_tasks(tmp_path):
+    """--max-samples N: the same N samples at any world size, drawn from every task (the unshuffled
+    first N of a multi-task split would be the first task's alone)."""
+    from livr_ds.data.demo import make_demo
+
+    data = str(tmp_path / "d")
+    make_demo(data, seed=1, n_train=0, n_val=0, n_test=20, tasks=["counting", "localization"])
+
+    def take(world, n):
+        got = []
+        for rank in range(world):
+            got += [(p, s.task, s.key) for ps, ss in evaluate.iter_samples([data], "test", rank, world, 3, n)
+                    for p, s in zip(ps, ss)]
+        return sorted(got)
+
+    one, two = take(1, 10), take(2, 10)
+    assert one == two and len(one) == 10
+    assert len({t for _, t, _ in one}) == 2
+    everything = [s.task for _, ss in evaluate.iter_samples([data], "test", 0, 1, 4) for s in ss]
+    assert len(everything) == 40 and len(set(everything[:10])) == 1  # an unshuffled first 10: one task
+
+
 # ---- the attention probe ------------------------------------------------------------------
 def test_probe_equals_direct_computation(lora_export, demo, tmp_path):
     """The probe's mean (batched, padded) == a per-sample computation with explicit loops."""
