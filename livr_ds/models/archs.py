@@ -79,7 +79,7 @@ def arch_config(path: str, adapter, processor):
         text["num_hidden_layers"] = num_hidden_layers
     config_class = adapter.model_class.config_class
     return config_class(text_config=text, vision_config=dict(spec["vision"]),
-                        tie_word_embeddings=spec["text"]["tie_word_embeddings"], **adapter._token_ids(special))
+                        tie_word_embeddings=spec["text"]["tie_word_embeddings"], **adapter.special_token_ids(special))
 
 
 def build_random(path: str, adapter, *, dtype: torch.dtype, attn_implementation: str,

@@ -61,7 +61,7 @@ class QwenVLAdapter(BackboneAdapter):
         return self.processor_class(image_processor=image_processor, tokenizer=tok, video_processor=None,
                                     chat_template=tok.chat_template)
 
-    def _token_ids(self, special):
+    def special_token_ids(self, special):
         return dict(
             image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
             vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
@@ -88,7 +88,7 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
                 window_size=56, fullatt_block_indexes=[1], tokens_per_second=2,
             ),
             tie_word_embeddings=False,
-            **self._token_ids(special),
+            **self.special_token_ids(special),
         )
 
 
@@ -114,5 +114,5 @@ class Qwen3_VLAdapter(QwenVLAdapter):
                 num_position_embeddings=64, deepstack_visual_indexes=[1],
             ),
             tie_word_embeddings=False,
-            **self._token_ids(special),
+            **self.special_token_ids(special),
         )
