@@ -22,7 +22,8 @@ def _mask(args) -> int:
 def _tiny_model(args) -> int:
     from .models import get_adapter
 
-    path = get_adapter(args.family).write_tiny(args.out, seed=args.seed)
+    path = get_adapter(args.family).write_tiny(args.out, seed=args.seed, tied=args.tied,
+                                               spare_rows=args.spare_rows, system_prompt=args.system_prompt)
     print(f"wrote a tiny random {args.family} checkpoint to {path}")
     return 0
 
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl", "llava_onevision"])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tied", action="store_true", help="tie lm_head to embed_tokens (as Qwen2.5-VL-3B, Qwen3-VL-4B)")
+    p.add_argument("--spare-rows", type=int, default=0, help="embedding rows beyond the tokenizer's length")
+    p.add_argument("--system-prompt", action="store_true",
+                   help="the family's default system prompt in the chat template (Qwen2.5-VL)")
     p.set_defaults(func=_tiny_model)
 
     for register in _optional_commands():

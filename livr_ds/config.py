@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -68,7 +69,11 @@ class OptimConfig:
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     micro_batch_size: int = 1
-    grad_accum: int = 8
+    # Samples per optimizer step over all ranks: the paper's 8. Accumulation is derived as
+    # global / (micro x world size), so the recipe does not change with the GPU count; a global
+    # batch that does not divide is refused at start-up. 0 = micro x grad_accum x world size.
+    global_batch_size: int = 8
+    grad_accum: int = 0  # 0 = derived from global_batch_size; set with global_batch_size: 0
 
 
 @dataclass
@@ -110,7 +115,8 @@ class LoggingConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/experiment"
-    save_every_steps: int = 0  # 0 = only at epoch ends
+    save_every_steps: int = 0  # 0 = none between epoch ends (an epoch end always saves)
+    save_every_minutes: float = 30.0  # 0 = off; bounds the work a crash can lose
     keep_last: int = 2
 
 
@@ -247,12 +253,23 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     checks = [
         (cfg.latents.num >= 0, "latents.num", "must be >= 0 (0 = no latents)"),
         (cfg.schedule.stage1_epochs >= 0 and cfg.schedule.stage2_epochs >= 0, "schedule", "epochs must be >= 0"),
-        (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
+        (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0, "optim.lr", "must be a finite number > 0"),
         (0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)"),
         (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1"),
-        (cfg.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1"),
-        (len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers"),
+        (cfg.optim.grad_accum >= 0, "optim.grad_accum", "must be >= 0 (0 = derived from global_batch_size)"),
+        (cfg.optim.global_batch_size >= 0, "optim.global_batch_size", "must be >= 0 (0 = micro x grad_accum x ranks)"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
+         "must be two numbers in [0, 1)"),
+        (cfg.optim.eps > 0, "optim.eps", "must be > 0"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = no clipping)"),
         (cfg.lora.r >= 1, "lora.r", "must be >= 1"),
+        (cfg.lora.alpha > 0, "lora.alpha", "must be > 0"),
+        (0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
+        (cfg.model.min_pixels >= 0 and cfg.model.max_pixels >= 0, "model.min_pixels/max_pixels", "must be >= 0"),
+        (cfg.output.keep_last >= 1, "output.keep_last", "must be >= 1 (the newest checkpoint is always kept)"),
+        (cfg.output.save_every_steps >= 0, "output.save_every_steps", "must be >= 0 (0 = off)"),
+        (cfg.output.save_every_minutes >= 0, "output.save_every_minutes", "must be >= 0 (0 = off)"),
         (cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0"),
         (cfg.data.max_tokens >= 16, "data.max_tokens", "must be >= 16"),
         (cfg.logging.every_steps >= 1, "logging.every_steps", "must be >= 1"),
@@ -261,6 +278,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why}")
+    if cfg.optim.global_batch_size and cfg.optim.global_batch_size % cfg.optim.micro_batch_size:
+        raise ConfigError(f"optim.global_batch_size {cfg.optim.global_batch_size} is not a multiple of "
+                          f"optim.micro_batch_size {cfg.optim.micro_batch_size}")
     if cfg.latents.num == 0 and "bottleneck" in cfg.policy(1) and cfg.schedule.stage1_epochs > 0:
         raise ConfigError("mask.stage1: a bottleneck with latents.num = 0 cuts the answer off from the "
                           "image entirely; use answer_only for the mask-only ablation or set latents.num > 0")

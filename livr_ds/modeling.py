@@ -59,7 +59,13 @@ def add_latent_tokens(tokenizer, model, num: int, shared: bool, seed: int) -> li
 
 def resize_embeddings(model, vocab_size: int) -> None:
     """Grow the vocabulary to `vocab_size`. New output-head rows are zero, not random: latents are
-    never generated, and a reloaded export must give the same logits as the trained model."""
+    never generated, and a reloaded export must give the same logits as the trained model.
+
+    A tied head (Qwen2.5-VL-3B, Qwen3-VL-4B) IS the embedding table, so its new rows are the
+    latents' input rows: left to add_latent_tokens here, and to the adapter's trained rows
+    (PEFT's trainable tokens, which also wrap the tied lm_head) when an export is loaded. No
+    resize happens when the table already has spare rows beyond the tokenizer (the released
+    Qwen checkpoints have hundreds): the latents take those rows and their head rows as they are."""
     old = model.get_input_embeddings().weight.shape[0]
     if vocab_size <= old:
         return
@@ -230,6 +236,10 @@ class LivrModel(torch.nn.Module):
                 if out is None:
                     out = torch.zeros(pos.shape[0], *input_ids.shape, dtype=torch.long, device=input_ids.device)
                 out[:, row, start:end] = pos.to(input_ids.device)
+        if out is None:  # no real token anywhere (the collator never sends this): all-zero positions
+            one = torch.zeros(1, dtype=torch.long)
+            axes = self.adapter.position_ids(self.hf_model, one, one.to(torch.int32), {}).shape[0]
+            out = torch.zeros(axes, *input_ids.shape, dtype=torch.long, device=input_ids.device)
         return out if out.shape[0] > 1 else out[0]
 
     def attention_mask(self, batch: dict, policy: str):

@@ -20,6 +20,24 @@ def tiny_dirs(tmp_path_factory):
     return {f: get_adapter(f).write_tiny(str(root / f), seed=0) for f in FAMILIES}
 
 
+# The tied tiny models carry the released small checkpoints' layout (Qwen2.5-VL-3B, Qwen3-VL-4B):
+# lm_head tied to embed_tokens, embedding rows beyond the tokenizer's length (fewer than the
+# tests' 4 latents, so adding them both fills spare rows and grows the table), and the
+# family's default system prompt where the released chat template has one.
+TINY_SPARE_ROWS = 2
+TIED_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_dirs(tmp_path_factory):
+    """family -> directory of a tiny random checkpoint with a tied output head, written once per session."""
+    from livr_ds.models import get_adapter
+
+    root = tmp_path_factory.mktemp("tiny_tied")
+    return {f: get_adapter(f).write_tiny(str(root / f), seed=0, tied=True, spare_rows=TINY_SPARE_ROWS,
+                                         system_prompt=True) for f in TIED_FAMILIES}
+
+
 @pytest.fixture(scope="session")
 def photos():
     """Real photographs that ship with scikit-image, as 112 x 112 RGB PIL images."""

@@ -62,6 +62,26 @@ def test_too_long_is_a_clear_error_or_skipped(qwen, photos):
     assert processor.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100]) == "3<|im_end|>"
 
 
+def test_a_batch_of_only_too_long_samples_keeps_one_loss_free_placeholder(qwen, photos):
+    """micro batch 1, its sample skipped: the batch is not empty (every rank must still step) but a
+    padding stand-in with no labels, within max_tokens."""
+    adapter, processor = qwen
+    latents = [7, 8]
+    batch = LivrCollator(adapter, processor, latents, max_tokens=30, too_long="skip")([sample(photos, "big", 3)])
+    meta = batch["meta"]
+    assert meta["skipped"] == 1 and meta["pad"] == [True] and meta["keys"] == [LivrCollator.PLACEHOLDER_KEY]
+    assert batch["input_ids"].shape[0] == 1 and 0 < batch["input_ids"].shape[1] <= 30
+    assert (batch["labels"] == -100).all()
+    seg = batch["segment_ids"][0]
+    assert (seg != segments.PAD).all() and batch["input_ids"][0][seg == segments.LATENT].tolist() == latents
+    # one small image: its grid matches its tokens, so an unfrozen vision tower runs as well
+    assert batch["image_counts"].tolist() == [[1]] and batch["image_grid_thw"].shape[0] == 1
+    assert int((seg == segments.IMAGE).sum()) == int(batch["image_grid_thw"].prod()) // 4
+    # not even the image fits: text only
+    tiny = LivrCollator(adapter, processor, [], max_tokens=8, too_long="skip")([sample(photos, "big", 1)])
+    assert tiny["input_ids"].shape == (1, 8) and "pixel_values" not in tiny and tiny["image_counts"].sum() == 0
+
+
 def _padded_fraction(rows, lengths):
     return sum(lengths) / (len(rows) * max(sum(lengths[i] for i in r) for r in rows))
 

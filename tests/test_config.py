@@ -21,7 +21,10 @@ def test_defaults_follow_the_paper():
     cfg = load_config(None)
     assert (cfg.latents.num, cfg.mask.stage1, cfg.mask.stage2) == (16, "bottleneck", "standard")
     assert (cfg.schedule.stage1_epochs, cfg.schedule.stage2_epochs) == (4, 6)
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.optim.lr, cfg.optim.grad_accum) == (16, 32, 1e-4, 8)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.optim.lr) == (16, 32, 1e-4)
+    # The paper's global batch of 8; accumulation is derived from it at start-up.
+    assert (cfg.optim.micro_batch_size, cfg.optim.global_batch_size, cfg.optim.grad_accum) == (1, 8, 0)
+    assert cfg.output.save_every_minutes > 0  # a crash loses minutes, not a stage
 
 
 def test_base_files_and_overrides(tmp_path):
@@ -39,6 +42,21 @@ def test_base_files_and_overrides(tmp_path):
     ("latents: {num: -1}\n", r"latents.num: must be >= 0"),
     ("optim: {lr: fast}\n", r"optim.lr: expected a number"),
     ("model: {dtype: fp16}\n", r"model.dtype: 'fp16' is not one of"),
+    ("output: {keep_last: 0}\n", r"output.keep_last: must be >= 1"),
+    ("output: {keep_last: -1}\n", r"output.keep_last: must be >= 1"),
+    ("output: {save_every_steps: -5}\n", r"output.save_every_steps: must be >= 0"),
+    ("output: {save_every_minutes: -1}\n", r"output.save_every_minutes: must be >= 0"),
+    ("lora: {alpha: 0}\n", r"lora.alpha: must be > 0"),
+    ("lora: {dropout: 1.0}\n", r"lora.dropout: must be in \[0, 1\)"),
+    ("lora: {dropout: -0.1}\n", r"lora.dropout: must be in \[0, 1\)"),
+    ("optim: {grad_clip: -1}\n", r"optim.grad_clip: must be >= 0"),
+    ("optim: {weight_decay: -0.01}\n", r"optim.weight_decay: must be >= 0"),
+    ("optim: {betas: [0.9, 1.0]}\n", r"optim.betas: must be two numbers in \[0, 1\)"),
+    ("optim: {lr: .inf}\n", r"optim.lr: must be a finite number > 0"),
+    ("optim: {lr: .nan}\n", r"optim.lr: must be a finite number > 0"),
+    ("model: {max_pixels: -1}\n", r"model.min_pixels/max_pixels: must be >= 0"),
+    ("optim: {global_batch_size: 6, micro_batch_size: 4}\n", r"optim.global_batch_size 6 is not a multiple of "
+                                                              r"optim.micro_batch_size 4"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
@@ -56,3 +74,27 @@ def test_train_entry_point_exits_nonzero_on_bad_config(tmp_path, override, match
                         "--set", override], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert match in r.stderr
+
+
+def test_train_refuses_a_global_batch_the_world_cannot_hold(tmp_path):
+    """Checked before any model is loaded; the numbers are in the message."""
+    path = write(tmp_path, "name: x\noptim: {global_batch_size: 8, micro_batch_size: 3}\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config", path],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "optim.global_batch_size 8 is not a multiple of optim.micro_batch_size 3" in r.stderr
+
+
+@pytest.mark.parametrize("train, match", [
+    ("[]", "data.train is empty"),
+    ("[{missing}]", "{missing}: no manifest.json and no shards matching train-*.tar"),
+])
+def test_train_refuses_missing_data_in_one_line(tmp_path, train, match):
+    path = write(tmp_path, "name: x\nmodel: {path: /nonexistent/model}\n")
+    missing = str(tmp_path / "empty_dir")
+    os.makedirs(missing)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config", path,
+                        "--set", f"data.train={train.format(missing=missing)}", "--set", f"output.dir={tmp_path}/out"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert match.format(missing=missing) in r.stderr
+    assert "Traceback" not in r.stderr

@@ -48,9 +48,11 @@ def test_standard_policy_equals_default_forward(tiny_dirs, photos, family):
     assert torch.equal(ours[real], ref[real])
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_bottleneck_routes_all_vision_through_latents(tiny_dirs, photos, family):
-    with_latents = make_backbone(tiny_dirs, family, k=4)
+def test_bottleneck_routes_all_vision_through_latents(tiny_dirs, tiny_tied_dirs, photos, family, tied):
+    # tied: the released 3B/4B layout (lm_head is embed_tokens, spare rows, system prompt)
+    with_latents = make_backbone(tiny_tied_dirs if tied else tiny_dirs, family, k=4)
     col_l = LivrCollator(with_latents.adapter, with_latents.processor, with_latents.latent_ids)
     col_0 = LivrCollator(with_latents.adapter, with_latents.processor, [])
     m = with_latents.model.eval()
@@ -113,6 +115,23 @@ def test_shared_latents_and_k0(tiny_dirs, photos):
     loss = none.model(col([sample(photos[:1])]), "standard")
     loss.backward()
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_a_batch_whose_only_sample_is_skipped_still_steps(tiny_dirs, photos, family):
+    """data.too_long: skip at micro batch 1: the collator's placeholder gives a finite zero loss whose
+    backward reaches every trainable weight (all-zero gradients), as a pad-only batch does."""
+    bb = make_backbone(tiny_dirs, family, k=4)
+    m = bb.model.train()
+    col = LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens=30, too_long="skip")
+    batch = col([sample(photos[:3], "big")])
+    assert batch["meta"]["skipped"] == 1 and batch["meta"]["pad"] == [True]
+    loss = m(batch, "bottleneck")
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == 0.0 and loss.requires_grad
+    trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and not p.grad.any() for _, p in trainable), \
+        [n for n, p in trainable if p.grad is None]
 
 
 def test_eager_backend_matches_sdpa(tiny_dirs, photos):

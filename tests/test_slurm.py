@@ -192,7 +192,7 @@ def _train_overrides(tmp: str, data: str) -> list[str]:
         "schedule.stage1_epochs": "2",
         "schedule.stage2_epochs": "2",
         "optim.micro_batch_size": "1",
-        "optim.grad_accum": "1",
+        "optim.global_batch_size": "2",  # 2 tasks x micro batch 1
         "logging.every_steps": "1",
         "logging.wandb": "disabled",
         "logging.progress_bar": "false",

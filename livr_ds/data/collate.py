@@ -145,7 +145,30 @@ class LivrCollator:
                     raise
                 skipped += 1
                 log.warning("skipping too-long sample %s", s.key)
+        if skipped and not encoded:
+            # Every sample was skipped: the step still runs forward and backward on every rank
+            # (the same collectives everywhere), on a stand-in that carries no loss.
+            encoded = [self.placeholder()]
         return self.pad(encoded, skipped=skipped)
+
+    PLACEHOLDER_KEY = "<skipped>"
+
+    def placeholder(self) -> EncodedSample:
+        """A padding sample (no labels: a zero loss that still reaches every trainable weight) for a
+        batch whose samples were all too long: the shortest prompt the processor makes, with one
+        small blank image when that fits max_tokens (so an unfrozen vision tower takes part too)."""
+        from PIL import Image
+
+        for images in ([Image.new("RGB", (28, 28))], []):
+            prompt = self.adapter.encode_prompt(self.processor, "", images)
+            ids = prompt.input_ids + self.latent_ids
+            if len(ids) <= self.max_tokens or not images:
+                break
+        ids = ids[: max(self.max_tokens, 1)]
+        seg = [segments.IMAGE if t == self.image_token_id else segments.PROMPT for t in prompt.input_ids]
+        seg = (seg + [segments.LATENT] * len(self.latent_ids))[: len(ids)]
+        return EncodedSample(self.PLACEHOLDER_KEY, "", ids, seg, prompt.vision if prompt.num_images else {},
+                             prompt.num_images, "", [], len(ids), {"_pad": True})
 
     def rows(self, encoded: list[EncodedSample]) -> list[list[EncodedSample]]:
         if not self.packing:

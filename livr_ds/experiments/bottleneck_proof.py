@@ -160,7 +160,7 @@ def train_run(args, out: str, data: str, run: str, k: int, two_stage: bool) -> t
     every = max(1, min(25, min(args.stage1_steps, args.stage2_steps) // 4))
     common = [f"name=bottleneck-proof-{run}", f"seed={args.seed}", f"model.path=tiny:{tiny}",
               f"data.val=[{data}]", f"output.dir={run_dir}", f"latents.num={k}",
-              f"optim.micro_batch_size={args.batch}", "optim.grad_accum=1", f"data.val_max_samples={args.n_val}",
+              f"optim.micro_batch_size={args.batch}", f"optim.global_batch_size={args.batch}", f"data.val_max_samples={args.n_val}",
               "schedule.stage2_epochs=1", "logging.wandb=disabled",
               "logging.progress_bar=false", f"logging.every_steps={every}"]
     if args.lr is not None:

@@ -108,27 +108,39 @@ class BackboneAdapter:
         return "embed_tokens"
 
     # ---- tiny models ---------------------------------------------------------------------
-    def tiny_config(self, vocab_size: int, special_ids: dict[str, int]):
+    def tiny_config(self, vocab_size: int, special_ids: dict[str, int], tied: bool = False):
         raise NotImplementedError
 
-    def build_tiny_processor(self):
+    def build_tiny_processor(self, system_prompt: str | None = None):
         raise NotImplementedError
 
     tiny_processor_kwargs: dict[str, Any] = {}
+    # The released chat template's default system prompt (emitted when a conversation has none).
+    default_system_prompt: str | None = None
 
-    def write_tiny(self, out_dir: str, seed: int = 0) -> str:
+    def write_tiny(self, out_dir: str, seed: int = 0, *, tied: bool = False, spare_rows: int = 0,
+                   system_prompt: bool = False) -> str:
         """Write a tiny random checkpoint (config, weights, tokenizer, image processor) that
-        loads through the same local-path code as a real one."""
-        processor = self.build_tiny_processor()
+        loads through the same local-path code as a real one.
+
+        The released small checkpoints' quirks, each opt-in: `tied` shares the output head with
+        the embedding table (`tie_word_embeddings`, as Qwen2.5-VL-3B / Qwen3-VL-4B); `spare_rows`
+        gives the table that many rows beyond the tokenizer's length (151,936 rows for ~151,665
+        tokens in the released Qwen checkpoints); `system_prompt` puts the family's default
+        system prompt (if its released template has one) in the chat template."""
+        processor = self.build_tiny_processor(
+            **({"system_prompt": self.default_system_prompt} if system_prompt and self.default_system_prompt else {}))
         tok = processor.tokenizer
         special = {t: tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens}
-        config = self.tiny_config(len(tok), special)
+        config = self.tiny_config(len(tok) + spare_rows, special, tied=tied)
         torch.manual_seed(seed)
         model = self.model_class(config)
+        if tied and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            raise RuntimeError(f"{type(model).__name__}: tie_word_embeddings did not tie the head")
         with torch.no_grad():
             # A trained output head maps hidden states to confident logits; a random one at the
             # default 0.02 caps them near +-1.3 (hidden 64), so a LoRA-only demo could never fit
-            # an answer. Give the frozen head the scale of a trained one.
+            # an answer. Give the frozen head the scale of a trained one (tied: the shared table).
             model.get_output_embeddings().weight.normal_(0.0, 0.15)
         os.makedirs(out_dir, exist_ok=True)
         model.save_pretrained(out_dir)
@@ -140,7 +152,8 @@ class BackboneAdapter:
         with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
             json.dump({"processor_class": type(processor).__name__, **self.tiny_processor_kwargs}, f, indent=1)
         with open(os.path.join(out_dir, "livr_tiny.json"), "w") as f:
-            json.dump({"family": self.family, "seed": seed}, f)
+            json.dump({"family": self.family, "seed": seed, "tied": tied, "spare_rows": spare_rows,
+                       "system_prompt": bool(system_prompt and self.default_system_prompt)}, f)
         return out_dir
 
 

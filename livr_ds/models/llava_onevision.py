@@ -69,8 +69,8 @@ class LlavaOnevisionAdapter(BackboneAdapter):
     def vision_modules(self, model):
         return [model.model.vision_tower, model.model.multi_modal_projector]
 
-    def build_tiny_processor(self):
-        tok = build_tiny_tokenizer(LLAVA_SPECIAL_TOKENS, self.image_token)
+    def build_tiny_processor(self, system_prompt=None):
+        tok = build_tiny_tokenizer(LLAVA_SPECIAL_TOKENS, self.image_token, system_prompt=system_prompt)
         t = TINY_TILE
         image_processor = LlavaOnevisionImageProcessorPil(
             size={"height": t, "width": t}, crop_size={"height": t, "width": t},
@@ -81,14 +81,14 @@ class LlavaOnevisionAdapter(BackboneAdapter):
             chat_template=tok.chat_template, **self.tiny_processor_kwargs,
         )
 
-    def tiny_config(self, vocab_size, special):
+    def tiny_config(self, vocab_size, special, tied=False):
         t = TINY_TILE
         return LlavaOnevisionConfig(
             text_config=dict(
                 model_type="qwen2", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=4096, pad_token_id=special["<|endoftext|>"],
-                eos_token_id=special["<|im_end|>"], bos_token_id=None, tie_word_embeddings=False,
+                eos_token_id=special["<|im_end|>"], bos_token_id=None, tie_word_embeddings=tied,
             ),
             vision_config=dict(
                 model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -97,5 +97,5 @@ class LlavaOnevisionAdapter(BackboneAdapter):
             image_token_index=special["<image>"], video_token_index=special["<video>"],
             vision_feature_select_strategy="full", vision_feature_layer=-1,
             image_grid_pinpoints=[[t, t], [t, 2 * t], [2 * t, t], [2 * t, 2 * t]],
-            vision_aspect_ratio="anyres_max_4", tie_word_embeddings=False,
+            vision_aspect_ratio="anyres_max_4", tie_word_embeddings=tied,
         )

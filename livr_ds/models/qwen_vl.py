@@ -50,10 +50,10 @@ class QwenVLAdapter(BackboneAdapter):
     def vision_modules(self, model):
         return [model.model.visual]
 
-    def build_tiny_processor(self, **image_kwargs):
+    def build_tiny_processor(self, system_prompt=None, **image_kwargs):
         tok = build_tiny_tokenizer(
             QWEN_SPECIAL_TOKENS, self.image_token,
-            image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+            image_placeholder="<|vision_start|><|image_pad|><|vision_end|>", system_prompt=system_prompt,
         )
         image_processor = Qwen2VLImageProcessorPil(
             patch_size=self.patch_size, merge_size=2, temporal_patch_size=2, **{**TINY_PIXELS, **image_kwargs}
@@ -72,22 +72,25 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
     family = "qwen2_5_vl"
     model_class = Qwen2_5_VLForConditionalGeneration
     processor_class = image_only_processor(Qwen2_5_VLProcessor)
+    default_system_prompt = "You are a helpful assistant."  # the released chat template's
 
-    def tiny_config(self, vocab_size, special):
+    def tiny_config(self, vocab_size, special, tied=False):
+        # transformers 5 ties on the top-level flag; the released config.json also sets it in
+        # text_config (which Qwen2_5_VLConfig forwards to the top level): both, as released.
         return Qwen2_5_VLConfig(
             text_config=dict(
                 vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
                 pad_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"], bos_token_id=None,
-                tie_word_embeddings=False,
+                tie_word_embeddings=tied,
             ),
             vision_config=dict(
                 depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                 patch_size=self.patch_size, spatial_merge_size=2, temporal_patch_size=2,
                 window_size=56, fullatt_block_indexes=[1], tokens_per_second=2,
             ),
-            tie_word_embeddings=False,
+            tie_word_embeddings=tied,
             **self.special_token_ids(special),
         )
 
@@ -97,8 +100,10 @@ class Qwen3_VLAdapter(QwenVLAdapter):
     model_class = Qwen3VLForConditionalGeneration
     processor_class = image_only_processor(Qwen3VLProcessor)
     patch_size = 16
+    # Qwen3-VL's released template has no default system prompt.
 
-    def tiny_config(self, vocab_size, special):
+    def tiny_config(self, vocab_size, special, tied=False):
+        # Qwen3VLConfig reads only the top-level flag; the released config.json has it in both.
         return Qwen3VLConfig(
             text_config=dict(
                 vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -106,13 +111,13 @@ class Qwen3_VLAdapter(QwenVLAdapter):
                 rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3],
                                  "mrope_interleaved": True},
                 pad_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"], bos_token_id=None,
-                tie_word_embeddings=False,
+                tie_word_embeddings=tied,
             ),
             vision_config=dict(
                 depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                 patch_size=self.patch_size, spatial_merge_size=2, temporal_patch_size=2,
                 num_position_embeddings=64, deepstack_visual_indexes=[1],
             ),
-            tie_word_embeddings=False,
+            tie_word_embeddings=tied,
             **self.special_token_ids(special),
         )

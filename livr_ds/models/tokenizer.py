@@ -11,10 +11,11 @@ import string
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-# Qwen-style chat template: the format of the real Qwen2.5-VL / Qwen3-VL templates, without
-# their default system prompt. Real checkpoints ship their own template and it is used instead.
+# Qwen-style chat template: the format of the real Qwen2.5-VL / Qwen3-VL templates. The default
+# system prompt (Qwen2.5-VL's "You are a helpful assistant.") is opt-in: `system_prompt` below.
+# Real checkpoints ship their own template and it is used instead.
 QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for message in messages %}{{ default_system }}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}{{ image_placeholder }}"
@@ -34,7 +35,8 @@ _CORPUS = [
 
 
 def build_tiny_tokenizer(special_tokens: list[str], image_token: str, vocab_size: int = 512,
-                         image_placeholder: str | None = None) -> PreTrainedTokenizerFast:
+                         image_placeholder: str | None = None,
+                         system_prompt: str | None = None) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -46,12 +48,15 @@ def build_tiny_tokenizer(special_tokens: list[str], image_token: str, vocab_size
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     placeholder = image_placeholder or image_token
+    default_system = ("{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+                      f"{system_prompt}<|im_end|>\n{{% endif %}}") if system_prompt else ""
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=[t for t in special_tokens if t not in ("<|im_end|>", "<|endoftext|>")],
-        chat_template=QWEN_CHAT_TEMPLATE.replace("{{ image_placeholder }}", placeholder),
+        chat_template=QWEN_CHAT_TEMPLATE.replace("{{ image_placeholder }}", placeholder)
+        .replace("{{ default_system }}", default_system),
     )
     wrapped.padding_side = "right"
     return wrapped

@@ -1,10 +1,9 @@
 """Checkpoints, three kinds, each written to a temporary directory and renamed into place.
 
-- resume checkpoints  `<stage dir>/checkpoints/step-XXXXXXXX/` + `checkpoints/latest`:
-  DeepSpeed engine state (module, ZeRO optimizer partitions, LR schedule), a world-size-free copy
-  of the trainable tensors, per-rank RNG state as JSON, and the trainer state (data position,
-  counters, best metric, wandb run id). `latest` is replaced only after the new directory is
-  complete, so a crash mid-save leaves the previous checkpoint valid and pointed at.
+- resume checkpoints  `<stage dir>/checkpoints/step-XXXXXXXX/`: the trainable tensors and their
+  Adam moments (world-size-free, see below), per-rank RNG state as JSON, and the trainer state
+  (data position, counters, best metric, metrics line count, wandb run id). A directory is
+  renamed into place only when complete; `--resume auto` takes the newest complete one.
 - exports  `<stage dir>/export/{best,final}/`: PEFT adapter (LoRA + latent rows), tokenizer with
   the latent tokens, processor files, and livr.json; loadable with transformers + PEFT alone.
 - merged exports (`livr-ds export --merge`): a plain transformers checkpoint.
@@ -117,82 +116,247 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
 
 
 # ---- resume checkpoints ---------------------------------------------------------------------
+#
+# A resume checkpoint holds what trains and nothing else, in a form that does not depend on the
+# world size:
+#   trainable.safetensors   fp32 master weights of every trainable parameter, by parameter name
+#   optimizer.safetensors   their Adam moments (<name>/exp_avg, <name>/exp_avg_sq)
+#   trainer_state.json      optimizer step, LR schedule position, data position, counters,
+#                           best validation, metrics.jsonl line count, wandb id
+#   rng_rank<r>.json        each rank's RNG streams
+#   files.json              every file above with its size, written last: a checkpoint without
+#                           it, or whose files differ from it, is incomplete or damaged
+# The full tensors are gathered from the ZeRO partitions with DeepSpeed's own fragment API
+# (deepspeed.utils.safe_get_full_fp32_param / safe_get_full_optimizer_state, ZeRO 1-2, offload
+# included) and scattered back the same way, so a checkpoint written at 4 ranks loads at 1 or 8
+# with weights, moments, step and schedule intact. DeepSpeed's own save_checkpoint is not used:
+# its module file also held frozen weights that exclude_frozen_parameters misses (a tied LM
+# head: 683 MB of a 1.1 GB checkpoint for Qwen2.5-VL-3B) and it reloads only at the same world
+# size, through torch.load(weights_only=False).
+
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+TRAINER_STATE = "trainer_state.json"
+FILES = "files.json"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+CHECKPOINT_PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def _trainable_named(engine) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def _zero_optimizer(engine):
+    opt = engine.optimizer
+    if not hasattr(opt, "single_partition_of_fp32_groups"):
+        raise CheckpointError(f"resume checkpoints need a ZeRO stage 1/2 optimizer, got {type(opt).__name__}")
+    return opt
+
+
+def gather_train_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    """Collective. Full fp32 weights and Adam moments of every trainable parameter (on CPU), and
+    the optimizer's step count. Moments are empty before the first step."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    opt = _zero_optimizer(engine)
+    stepped = bool(opt.optimizer.state)
+    if stepped:
+        _link_optimizer_fragments(opt)
+    weights, moments = {}, {}
+    for name, p in _trainable_named(engine):
+        weights[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
+        if stepped:
+            for key in MOMENTS:
+                moments[f"{name}/{key}"] = safe_get_full_optimizer_state(p, key).detach().cpu().clone()
+    step = 0.0
+    if stepped:
+        first = next(iter(opt.optimizer.state.values()))
+        step = float(first["step"])
+    return weights, moments, step
+
+
+def _init_adam_state(opt, step: float) -> None:
+    """Create the inner optimizer's per-partition Adam state as torch's AdamW would after
+    `step` steps (it creates it lazily on the first step), and link DeepSpeed's fragments to it."""
+    inner = opt.optimizer
+    for part in opt.single_partition_of_fp32_groups:
+        st = inner.state[part]
+        st.setdefault("exp_avg", torch.zeros_like(part, memory_format=torch.preserve_format))
+        st.setdefault("exp_avg_sq", torch.zeros_like(part, memory_format=torch.preserve_format))
+        if isinstance(inner, torch.optim.Optimizer) and not type(inner).__module__.startswith("deepspeed"):
+            st["step"] = torch.tensor(step, dtype=torch.float32)
+        else:  # DeepSpeed's CPU Adam counts steps as an int
+            st["step"] = int(step)
+    _link_optimizer_fragments(opt)
+
+
+def _link_optimizer_fragments(opt) -> None:
+    """Point each parameter's DeepSpeed fragment at its slice of the Adam state. DeepSpeed links
+    them lazily and not on every step path (ZeRO-2 fp32 never did here), so link before use."""
+    opt._hp_optimizer_states_linked = False
+    opt._lazy_init_hp_params_optimizer_state()
+
+
+def scatter_train_state(engine, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor],
+                        step: float, where: str) -> None:
+    """Put full tensors back into the module and this rank's ZeRO partitions (any world size)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    opt = _zero_optimizer(engine)
+    named = _trainable_named(engine)
+    mine = {n for n, _ in named}
+    missing, unexpected = sorted(mine - weights.keys()), sorted(weights.keys() - mine)
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: trainable tensors do not match this model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}): another model, LoRA or latent config?")
+    for name, p in named:
+        if tuple(weights[name].shape) != tuple(p.shape):
+            raise CheckpointError(f"{where}: {name} has shape {tuple(weights[name].shape)}, the model {tuple(p.shape)}")
+    if moments:
+        _init_adam_state(opt, step)
+    with torch.no_grad():
+        for name, p in named:
+            value = weights[name].to(p.device)
+            p.data.copy_(value.to(p.dtype))  # the working copy, as DeepSpeed leaves it after a step
+            safe_set_full_fp32_param(p, value)
+            for key in MOMENTS if moments else ():
+                safe_set_full_optimizer_state(p, moments[f"{name}/{key}"].to(p.device), key)
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def check_checkpoint(path: str) -> dict:
+    """The trainer state of a complete, undamaged checkpoint, or CheckpointError saying why not."""
+    files_json = os.path.join(path, FILES)
+    if not os.path.exists(files_json):
+        raise CheckpointError(f"{files_json} is missing: the checkpoint was not finished")
+    listed = _read_json(files_json)
+    for name, size in listed.items():
+        f = os.path.join(path, name)
+        if not os.path.exists(f):
+            raise CheckpointError(f"{f} is missing")
+        if os.path.getsize(f) != size:
+            raise CheckpointError(f"{f} has {os.path.getsize(f)} bytes, {size} were written: damaged")
+    return _read_json(os.path.join(path, TRAINER_STATE))
+
+
+def list_checkpoints(ckpt_root: str) -> list[str]:
+    """Checkpoint directories, newest (highest step) first."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    tags = [d for d in os.listdir(ckpt_root) if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()]
+    return [os.path.join(ckpt_root, t) for t in sorted(tags, reverse=True)]
+
 
 def latest_checkpoint(ckpt_root: str) -> str | None:
-    pointer = os.path.join(ckpt_root, LATEST)
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        tag = json.load(f)["tag"]
-    path = os.path.join(ckpt_root, tag)
-    if not os.path.exists(os.path.join(path, "trainer_state.json")):
-        raise RuntimeError(f"{pointer} names {tag}, which is incomplete; this should not happen")
-    return path
+    """The newest complete checkpoint; damaged or unfinished newer ones are skipped with a warning
+    naming the file and the reason."""
+    for path in list_checkpoints(ckpt_root):
+        try:
+            check_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", path, e)
+    return None
 
 
 def save_resume(engine, ckpt_root: str, tag: str, trainer_state: dict, keep_last: int) -> str:
-    """Collective: every rank calls it."""
+    """Collective: every rank calls it. Written into .tmp-<tag>/ and renamed into place, so a crash
+    at any point leaves every earlier checkpoint intact and the half-written one never chosen."""
+    weights, moments, opt_step = gather_train_state(engine)  # collective: before any early return
     tmp_root = os.path.join(ckpt_root, f".tmp-{tag}")
+    staged = os.path.join(tmp_root, tag)
     if dist.is_main():
         shutil.rmtree(tmp_root, ignore_errors=True)
-        os.makedirs(tmp_root)
+        os.makedirs(staged)
     dist.barrier()
-    engine.save_checkpoint(tmp_root, tag=tag, save_latest=False, exclude_frozen_parameters=True)
-    staged = os.path.join(tmp_root, tag)
     with open(os.path.join(staged, f"rng_rank{dist.rank()}.json"), "w") as f:
         json.dump(rng_state(), f)
     fault_point("checkpoint_mid_save")
     dist.barrier()
     final = os.path.join(ckpt_root, tag)
     if dist.is_main():
-        save_file(trainable_state(engine.module.peft_model), os.path.join(staged, "trainable.safetensors"))
-        _write_json_atomic(os.path.join(staged, "trainer_state.json"), trainer_state)
+        save_file(weights, os.path.join(staged, TRAINABLE))
+        save_file(moments or {"_none": torch.zeros(0)}, os.path.join(staged, OPTIMIZER))
+        _write_json_atomic(os.path.join(staged, TRAINER_STATE), {**trainer_state, "optimizer_step": opt_step})
+        sizes = {n: os.path.getsize(os.path.join(staged, n)) for n in sorted(os.listdir(staged))}
+        _write_json_atomic(os.path.join(staged, FILES), sizes)
         _replace_dir(staged, final)
-        shutil.rmtree(tmp_root)  # DeepSpeed also drops helper scripts (zero_to_fp32.py) there
-        _write_json_atomic(os.path.join(ckpt_root, LATEST), {"tag": tag})
-        _prune(ckpt_root, keep_last)
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        _write_json_atomic(os.path.join(ckpt_root, LATEST), {"tag": tag})  # for people; resume scans the dirs
+        _prune(ckpt_root, keep_last, keep=final)
         log.info("saved resume checkpoint %s", final)
     dist.barrier()
     return final
 
 
-def _prune(ckpt_root: str, keep_last: int) -> None:
-    tags = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-"))
-    for tag in tags[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(os.path.join(ckpt_root, tag), ignore_errors=True)
+def _prune(ckpt_root: str, keep_last: int, keep: str) -> None:
+    """Keep the newest `keep_last` complete checkpoints (the one just written among them)."""
+    complete = [p for p in list_checkpoints(ckpt_root) if os.path.exists(os.path.join(p, FILES))]
+    for path in complete[max(keep_last, 1):]:
+        if os.path.abspath(path) != os.path.abspath(keep):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_resume(engine, path: str) -> dict:
-    """Restore a resume checkpoint. Returns the trainer state; at a changed world size only
-    the trainable weights come back (ZeRO partitions do not reshard) and it says so."""
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        state = json.load(f)
+    """Restore a resume checkpoint at any world size: trainable weights, Adam moments and step.
+    Returns the trainer state, with this rank's RNG state under "rng" when the world size is
+    the saved one (at another world size each rank's random streams cannot be the same ones)."""
+    state = check_checkpoint(path)
+    tensors = {}
+    for name in (TRAINABLE, OPTIMIZER):
+        try:
+            tensors[name] = load_file(os.path.join(path, name))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{os.path.join(path, name)}: cannot read ({type(e).__name__}: {e})") from None
+    moments = {k: v for k, v in tensors[OPTIMIZER].items() if k != "_none"}
+    scatter_train_state(engine, tensors[TRAINABLE], moments, float(state.get("optimizer_step", 0)),
+                        where=os.path.join(path, TRAINABLE))
     if state["world_size"] == dist.world_size():
-        engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path), load_module_strict=False)
-        with open(os.path.join(path, f"rng_rank{dist.rank()}.json")) as f:
-            state["rng"] = json.load(f)  # the caller restores it once set-up is over
-        state["optimizer_restored"] = True
-    else:
-        load_trainable_state(engine.module.peft_model, load_file(os.path.join(path, "trainable.safetensors")))
-        log.warning(
-            "resuming %s at world size %d (saved at %d): LoRA weights and latent rows restored; optimizer "
-            "moments and RNG re-initialised (ZeRO optimizer state does not reshard)",
-            path, dist.world_size(), state["world_size"],
-        )
-        state["optimizer_restored"] = False
+        state["rng"] = _read_json(os.path.join(path, f"rng_rank{dist.rank()}.json"))
     return state
+
+
+def load_resume_weights(model, path: str) -> None:
+    """A checkpoint's trainable weights into a plain (non-DeepSpeed) LivrModel, e.g. to compare
+    with an export. Names are the engine module's, i.e. LivrModel's own parameter names."""
+    tensors = load_file(os.path.join(path, TRAINABLE))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name not in params:
+                raise CheckpointError(f"{os.path.join(path, TRAINABLE)}: {name} is not a parameter of the model")
+            params[name].copy_(value.to(params[name].dtype))
 
 
 # ---- exports --------------------------------------------------------------------------------
 
-def base_fingerprint(hf_model, num_latent_rows: int) -> dict:
-    """What identifies the backbone a checkpoint belongs to (vocabulary size before latents)."""
+def base_fingerprint(hf_model, num_latent_rows: int, num_tokens: int | None = None) -> dict:
+    """What identifies the backbone a checkpoint belongs to (vocabulary size before latents).
+
+    The tokenizer's length, not the table's rows: released Qwen tables have spare rows beyond
+    the tokenizer (151,936 rows for ~151,665 tokens), and the latents take spare rows first."""
     text = hf_model.config.get_text_config()
+    rows = hf_model.get_input_embeddings().weight.shape[0]
     return {
         "model_type": hf_model.config.model_type,
         "hidden_size": text.hidden_size,
         "num_hidden_layers": text.num_hidden_layers,
-        "base_vocab_size": hf_model.get_input_embeddings().weight.shape[0] - num_latent_rows,
+        "base_vocab_size": (num_tokens if num_tokens is not None else rows) - num_latent_rows,
     }
 
 
@@ -202,7 +366,7 @@ def livr_metadata(cfg, backbone, stage: int) -> dict:
         "format": "livr-ds/1",
         "family": cfg.model.family,
         "base_model": backbone.path,
-        "backbone": base_fingerprint(backbone.model.hf_model, len(set(backbone.latent_ids))),
+        "backbone": base_fingerprint(backbone.model.hf_model, len(set(backbone.latent_ids)), len(tok)),
         "latents": {"num": cfg.latents.num, "shared": cfg.latents.shared,
                     "tokens": tok.convert_ids_to_tokens(backbone.latent_ids), "ids": backbone.latent_ids},
         "stage": stage,

@@ -1,7 +1,13 @@
-"""Process-group set-up and the few collectives the loop needs.
+"""Process-group set-up and the one place livr-ds issues collectives.
 
 Ranks come from the launcher's environment (deepspeed, torchrun, or srun's SLURM_* variables),
 so the same entry point runs under all three.
+
+Every collective livr-ds itself issues goes through this module, and every tensor it sends is
+placed by `collective_device`: an NCCL group takes CUDA tensors only (a CPU tensor raises "No
+backend type associated with device type cpu"), gloo takes CPU tensors. The object collectives
+(gather_objects, broadcast_object) pickle into tensors that torch places on the current CUDA
+device for NCCL by itself; they carry our own records only, never data read from shards.
 """
 
 from __future__ import annotations
@@ -37,13 +43,13 @@ def init(device_type: str | None = None) -> torch.device:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if use_cuda:  # before the group exists, so NCCL binds each rank to its own GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
                                    timeout=datetime.timedelta(minutes=30))
     if use_cuda:
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cpu")
 
 
@@ -59,26 +65,45 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def collective_device(backend: str | None = None) -> torch.device:
+    """Where a tensor must live for a collective on a group with `backend` (default: the world's).
+
+    "nccl" -> this rank's CUDA device; "gloo" and mixed groups that route CPU tensors to gloo
+    ("cpu:gloo,cuda:nccl") -> CPU. A pure function of the backend name, so it is testable
+    without a GPU."""
+    if backend is None:
+        backend = str(dist.get_backend()) if dist.is_initialized() else "gloo"
+    backend = backend.lower()
+    if "cpu:" in backend or backend in ("gloo", "mpi"):
+        return torch.device("cpu")
+    if "nccl" in backend or "cuda:" in backend:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
+def all_reduce(values, op: str = "sum", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """All-reduce a vector (list of numbers or a tensor) on the device the group needs; returns a
+    CPU tensor. One collective however many values: pack what a step needs into one call."""
+    t = torch.as_tensor(values, dtype=dtype).detach()
+    if not dist.is_initialized():
+        return t.cpu()
+    t = t.to(collective_device())
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.cpu()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is True on at least one (stop signals, NaN losses)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return bool(all_reduce([1.0 if flag else 0.0], op="max")[0] > 0)
 
 
 def all_sum(values: list[float]) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce(values).tolist()
 
 
 def gather_objects(obj) -> list:

@@ -6,6 +6,7 @@ import copy
 import json
 
 from ..config import ConfigError, ExperimentConfig
+from .schedule import resolve_accumulation
 
 
 def _fill(section: dict, key: str, value, where: str) -> None:
@@ -23,7 +24,8 @@ def build_ds_config(path: str, cfg: ExperimentConfig, world_size: int) -> dict:
     with open(path) as f:
         ds = json.load(f)
     ds = copy.deepcopy(ds)
-    micro, gas = cfg.optim.micro_batch_size, cfg.optim.grad_accum
+    micro = cfg.optim.micro_batch_size
+    gas, _ = resolve_accumulation(cfg, world_size)
     _fill(ds, "train_micro_batch_size_per_gpu", micro, "ds")
     _fill(ds, "gradient_accumulation_steps", gas, "ds")
     _fill(ds, "gradient_clipping", cfg.optim.grad_clip, "ds")
@@ -52,6 +54,18 @@ def build_ds_config(path: str, cfg: ExperimentConfig, world_size: int) -> dict:
         )
     if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError("fp16 is not supported by livr-ds; use model.dtype: bfloat16")
+    # The trainer owns the step boundary (train/trainer.py: grad_accum micro-batches, or fewer at
+    # an epoch's end, then engine.step()); DeepSpeed's own micro-step counter would otherwise
+    # decide when to step, and a short last step would never be applied.
+    if ds.get("managed_gradient_accumulation", False) is not False:
+        raise ConfigError("managed_gradient_accumulation must be false (or absent): livr-ds decides when "
+                          "the optimizer steps")
+    ds["managed_gradient_accumulation"] = False
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2):
+        raise ConfigError(f"zero_optimization.stage {stage}: livr-ds trains with ZeRO stage 1 or 2 "
+                          "(ds_configs/zero2.json, zero2_offload.json); its world-size-free checkpoints read the "
+                          "ZeRO optimizer's fp32 partitions")
     ds.setdefault("steps_per_print", 10**9)  # our own logging
     ds.setdefault("wall_clock_breakdown", False)
     return ds

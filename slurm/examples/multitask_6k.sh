@@ -18,7 +18,7 @@ TIME=${TIME:-24:00:00}
 GPUS=${GPUS:-4}
 COMMON=(--nodes 1 --gpus-per-node "$GPUS" --cpus-per-task 8 --partition "$PARTITION" --time "$TIME")
 
-# LIVR: effective batch 8 = 4 GPUs x micro-batch 1 x grad_accum 2.
-slurm/submit.sh --config configs/livr_multitask_6k.yaml "${COMMON[@]}" --set optim.grad_accum=2 "$@"
+# LIVR: global batch 8 (the config's optim.global_batch_size): on 4 GPUs x micro-batch 1, accumulation 2 is derived.
+slurm/submit.sh --config configs/livr_multitask_6k.yaml "${COMMON[@]}" "$@"
 # Direct SFT (stage1_epochs: 0): Stage 2 only, no dependency.
-slurm/submit.sh --config configs/sft_multitask_6k.yaml "${COMMON[@]}" --set optim.grad_accum=2 "$@"
+slurm/submit.sh --config configs/sft_multitask_6k.yaml "${COMMON[@]}" "$@"

@@ -1,0 +1,209 @@
+"""Tied output heads: Qwen2.5-VL-3B and Qwen3-VL-4B share lm_head with embed_tokens (7B+ do not).
+
+Every case runs tied and untied, both with the released small checkpoints' other quirks (embedding
+rows beyond the tokenizer's length, the default system prompt): one AdamW step moves only LoRA and
+the K latent rows (of the input table, and of the head exactly when it is the same table), and the
+export, its reload, `--init-from` and `livr-ds export --merge` all keep what was trained.
+
+PEFT on a tied table: `trainable_token_indices={"embed_tokens": ...}` also wraps lm_head in a
+TrainableTokensWrapper tied to the embedding's adapter. Its parameters
+(`lm_head.token_adapter.base_layer.weight`, `lm_head.token_adapter.trainable_tokens_delta.default`)
+are the embedding's own tensors, so they only appear under named_parameters(remove_duplicate=False),
+and the saved adapter holds the embedding's delta alone.
+"""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from livr_ds import segments
+from livr_ds.config import load_config
+from livr_ds.data.collate import LivrCollator
+from livr_ds.data.schema import Sample
+from livr_ds.models import get_adapter
+from livr_ds.modeling import build_backbone
+from livr_ds.train import checkpoint
+from tests.conftest import TIED_FAMILIES, TINY_SPARE_ROWS
+
+K = 4
+CASES = [(f, tied) for f in TIED_FAMILIES for tied in (False, True)]
+IDS = [f"{f}-{'tied' if tied else 'untied'}" for f, tied in CASES]
+
+
+@pytest.fixture(scope="module")
+def quirk_dirs(tiny_tied_dirs, tmp_path_factory):
+    """(family, tied) -> tiny checkpoint; the untied ones carry the same quirks but their own head."""
+    root = tmp_path_factory.mktemp("tiny_untied_quirks")
+    out = {(f, True): d for f, d in tiny_tied_dirs.items()}
+    for f in TIED_FAMILIES:
+        out[(f, False)] = get_adapter(f).write_tiny(str(root / f), seed=0, spare_rows=TINY_SPARE_ROWS,
+                                                    system_prompt=True)
+    return out
+
+
+def sample(images, key, answer="A", choices=("left", "right")):
+    return Sample(key=key, task="t", question="Which image is brighter?", choices=list(choices), answer=answer,
+                  images=list(images), meta={})
+
+
+def config(path, family):
+    return load_config(None, [f"model.family={family}", f"model.path={path}", f"latents.num={K}", "lora.dropout=0.0"])
+
+
+def embed_layer(hf):
+    """The frozen nn.Embedding under PEFT's wrapper."""
+    return hf.get_input_embeddings().token_adapter.base_layer
+
+
+def tables(hf):
+    """(effective input table, effective output head) as the forward sees them, in (vocab, hidden)."""
+    ids = torch.arange(embed_layer(hf).weight.shape[0])
+    with torch.no_grad():
+        embed = hf.get_input_embeddings()(ids).clone()
+        head = hf.lm_head(torch.eye(embed.shape[1])).T.contiguous()  # x @ W.T with x = I is exact
+    return embed, head
+
+
+def assert_head_layout(hf, tied):
+    """Tied: PEFT wraps lm_head around the embedding's own weight; untied: a plain frozen Linear."""
+    if tied:
+        assert hf.lm_head.token_adapter.base_layer.weight is embed_layer(hf).weight
+        assert hf.lm_head.token_adapter.tied_adapter is hf.get_input_embeddings().token_adapter
+    else:
+        assert isinstance(hf.lm_head, torch.nn.Linear) and not hf.lm_head.weight.requires_grad
+
+
+@pytest.fixture(scope="module", params=CASES, ids=IDS)
+def trained(request, quirk_dirs, photos, tmp_path_factory):
+    """A backbone after one AdamW step (weight decay on), its export, and what the checks compare."""
+    family, tied = request.param
+    path = quirk_dirs[(family, tied)]
+    cfg = config(path, family)
+    bb = build_backbone(cfg, policy="bottleneck")
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA B starts at zero: give it values so LoRA shows in every check
+        for name, p in bb.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    m = bb.model.train()
+    hf = m.hf_model
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    embed0, head0 = tables(hf)
+    col = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
+    batch = col([sample(photos[:1], "a"), sample(photos[1:3], "b", answer="B")])
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    opt.zero_grad()
+    m(batch, "bottleneck").backward()
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        logits = m.logits(batch, "bottleneck")
+    export = checkpoint.save_export(bb, cfg, 1, str(tmp_path_factory.mktemp("export") / "final"))
+    return SimpleNamespace(family=family, tied=tied, path=path, cfg=cfg, bb=bb, before=before, embed0=embed0,
+                           head0=head0, batch=batch, logits=logits, export=export)
+
+
+@pytest.mark.parametrize("family,tied", CASES, ids=IDS)
+def test_tiny_checkpoint_has_the_released_layout(quirk_dirs, family, tied):
+    adapter = get_adapter(family)
+    path = quirk_dirs[(family, tied)]
+    model = adapter.load_model(path)
+    processor = adapter.load_processor(path)
+    assert model.config.tie_word_embeddings == tied
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
+    assert model.get_input_embeddings().weight.shape[0] == len(processor.tokenizer) + TINY_SPARE_ROWS
+    text = adapter.prompt_text(processor, "Q?", 1)
+    if family == "qwen2_5_vl":  # Qwen3-VL's released template has no default system prompt
+        assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    else:
+        assert text.startswith("<|im_start|>user\n")
+
+
+def test_latents_fill_spare_rows_then_grow_a_still_tied_table(trained):
+    hf = trained.bb.model.hf_model
+    tok = trained.bb.processor.tokenizer
+    base_tokens = len(tok) - K
+    # The first TINY_SPARE_ROWS latents take the spare rows, the rest grow the table to the tokenizer.
+    assert sorted(set(trained.bb.latent_ids)) == list(range(base_tokens, base_tokens + K))
+    assert embed_layer(hf).weight.shape[0] == len(tok) > base_tokens + TINY_SPARE_ROWS
+    assert_head_layout(hf, trained.tied)
+    if not trained.tied:  # rows the resize added to an untied head are zero
+        assert not trained.head0[base_tokens + TINY_SPARE_ROWS:].any()
+
+
+def test_one_step_moves_only_lora_and_latent_rows(trained):
+    m, hf = trained.bb.model, trained.bb.model.hf_model
+    changed = {n for n, p in m.named_parameters() if not torch.equal(p, trained.before[n])}
+    assert changed == {n for n, p in m.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or "trainable_tokens_delta" in n for n in changed)
+    latents = sorted(set(trained.bb.latent_ids))
+    embed, head = tables(hf)
+    moved = (embed != trained.embed0).any(-1).nonzero().flatten().tolist()
+    assert moved == latents  # every other row bit-identical, weight decay included
+    head_moved = (head != trained.head0).any(-1).nonzero().flatten().tolist()
+    if trained.tied:  # the head is the table: same rows, same values
+        assert head_moved == latents and torch.equal(head, embed)
+    else:
+        assert head_moved == []
+    # PEFT's names for the tied head: aliases of the embedding adapter's tensors, saved once.
+    pm = trained.bb.model.peft_model
+    all_params = dict(pm.named_parameters(remove_duplicate=False))
+    head_delta = "base_model.model.lm_head.token_adapter.trainable_tokens_delta.default"
+    embed_delta = "base_model.model.model.language_model.embed_tokens.token_adapter.trainable_tokens_delta.default"
+    assert (head_delta in all_params) == trained.tied
+    if trained.tied:
+        assert all_params[head_delta] is all_params[embed_delta]
+    saved = load_file(os.path.join(trained.export, "adapter_model.safetensors"))
+    assert [k for k in saved if "lora_" not in k] == [
+        "base_model.model.model.language_model.embed_tokens.token_adapter.trainable_tokens_delta"]
+
+
+def test_export_reloads_to_equal_logits(trained):
+    from livr_ds.export import load_export
+
+    loaded = load_export(trained.export)
+    assert_head_layout(loaded.model.hf_model, trained.tied)
+    assert loaded.latent_ids == trained.bb.latent_ids
+    with torch.no_grad():
+        assert torch.equal(loaded.model.logits(trained.batch, "bottleneck"), trained.logits)
+
+
+def test_init_from_export_restores_the_trained_tensors(trained):
+    fresh = build_backbone(trained.cfg, policy="bottleneck")
+    want = checkpoint.trainable_state(trained.bb.model.peft_model)
+    assert not all(torch.equal(v, checkpoint.trainable_state(fresh.model.peft_model)[k]) for k, v in want.items())
+    checkpoint.init_from_export(fresh, trained.cfg, trained.export)
+    got = checkpoint.trainable_state(fresh.model.peft_model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with torch.no_grad():
+        assert torch.equal(fresh.model.eval().logits(trained.batch, "bottleneck"), trained.logits)
+        assert torch.equal(torch.cat(tables(fresh.model.hf_model)), torch.cat(tables(trained.bb.model.hf_model)))
+
+
+def test_merged_export_is_a_plain_transformers_checkpoint(trained, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from livr_ds.cli import main
+
+    out = str(tmp_path / "merged")
+    assert main(["export", "--ckpt", trained.export, "--merge", "--out", out]) == 0
+    merged = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert (merged.lm_head.weight is merged.get_input_embeddings().weight) == trained.tied
+    tok = AutoTokenizer.from_pretrained(out)
+    strings = trained.bb.processor.tokenizer.convert_ids_to_tokens(trained.bb.latent_ids)
+    assert tok.convert_tokens_to_ids(strings) == trained.bb.latent_ids
+    embed, head = tables(trained.bb.model.hf_model)
+    assert torch.equal(merged.get_input_embeddings().weight, embed)  # latent rows folded in, exactly
+    assert torch.equal(merged.lm_head.weight, head)
+    batch, m = trained.batch, trained.bb.model
+    real = batch["segment_ids"] != segments.PAD
+    vision = {k: batch[k] for k in trained.bb.adapter.vision_keys if k in batch}
+    with torch.no_grad():
+        ours = m.logits(batch, "standard")
+        theirs = merged(input_ids=batch["input_ids"], attention_mask=real.long(),
+                        mm_token_type_ids=(batch["input_ids"] == m.image_token_id).int(), **vision).logits
+    assert real.sum() < real.numel()  # padded rows: only real tokens compare
+    torch.testing.assert_close(theirs[real], ours[real], rtol=1e-4, atol=1e-5)  # LoRA folded: not bitwise
