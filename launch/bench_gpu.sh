@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU row of docs/performance.md in one run: Stage 1 vs Stage 2 (flex vs flash/sdpa),
 # mask construction, packing, and the Qwen2.5-VL-3B / Qwen3-VL-4B architectures with random
-# weights (bf16, tokens/s, MFU, memory). Results: $OUT/bench_gpu.json (OUT defaults to .).
+# weights (bf16, tokens/s, MFU, memory; evaluation s/sample vs train s/step). Results:
+# $OUT/bench_gpu.json (OUT defaults to .).
 #
 # For a GPU node without network: download the pinned wheels on a machine with one, into .whl/
 # of this checkout, and they are installed from there first (the node's python3 holds torch):
@@ -29,5 +30,5 @@ for m in ("transformers", "peft", "webdataset", "flash_attn"):
 EOF
 # stage, packing, loader and trainer are the CPU rows (tiny model); on a GPU, arch measures Stage 1 vs 2
 # per backend and packed vs padded rows on the real-size models.
-"$PY" -m livr_ds.cli bench --only mask arch --repeats ${REPEATS:-6} \
+"$PY" -m livr_ds.cli bench --only mask arch eval --repeats ${REPEATS:-6} \
     --arch ${ARCHS:-qwen2_5_vl_3b qwen3_vl_4b} --out "$OUT/bench_gpu.json" "$@"

@@ -4,10 +4,14 @@ Benchmarks (each compares two things in the same process, same batch, interleave
 - stage:    train-step time, Stage 1 (bottleneck mask) vs Stage 2 (standard), per attention backend
 - mask:     construction time and bytes, dense bool mask vs flex BlockMask, L = 1k, 4k, 16k
 - packing:  real-token fraction and tokens/s, packed vs padded rows, on the demo multi-task mix
-- loader:   loader samples/s (decode + processor, per worker count) vs what a train step consumes
+- loader:   loader samples/s (decode + processor, per worker count) vs what a train step consumes;
+            and stream vs indexed shard reads (samples/s, bytes read per sample) on the same shards
 - trainer:  livr-ds's loop vs transformers Trainer + PEFT + DeepSpeed, same model, batches, global batch
 - arch:     a published architecture (Qwen2.5-VL-3B, Qwen3-VL-4B) with random weights, bf16 on GPU:
             Stage 1 vs 2 per backend, tokens/s, MFU, memory
+- eval:     on the same architectures: evaluation seconds per sample (KV-cached greedy generation,
+            batch 1; and the recompute-per-token reference) vs seconds per training optimizer step
+            (micro batch 1, forward + backward + AdamW on the plain LivrModel)
 """
 
 from __future__ import annotations
@@ -183,6 +187,52 @@ def bench_loader(model_path, family, data_dir, batch_size=8, batches=12, workers
     return rows
 
 
+def bench_loader_io(world_size=8, rounds=5, n_shards=16, per_shard=64, image_size=160, batch_size=8):
+    """Stream vs indexed shard reads, same synthetic shards (n_shards x per_shard samples, 2 random
+    JPEGs of image_size^2 each): rank 0 of ``world_size``, one process (num_workers=0), decode only.
+    The two modes alternate for ``rounds`` epochs, order reversed every round; median samples/s,
+    and bytes read from the shards per sample / per epoch (the same every round)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from .data.reader import LivrLoader
+    from .data.writer import write_shards
+
+    def samples():
+        rng = np.random.default_rng(0)
+        for i in range(n_shards * per_shard):
+            ims = []
+            for _ in range(2):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)).save(
+                    buf, format="JPEG", quality=90)
+                ims.append(buf.getvalue())
+            yield {"key": f"b{i:06d}", "task": "t", "question": "q?", "choices": ["x", "y"], "answer": "A",
+                   "images": ims}
+
+    d = os.path.join(tempfile.mkdtemp(prefix="livr-bench-io-"), "shards")
+    write_shards(samples(), d, "train", shard_size=per_shard, progress=False)
+    data_bytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".tar"))
+    times: dict[str, list[float]] = {"stream": [], "indexed": []}
+    got: dict[str, tuple[int, int]] = {}
+    order = list(times)
+    for r in range(rounds + 1):  # round 0: warm-up (page cache, imports), not timed
+        for mode in order if r % 2 == 0 else order[::-1]:
+            loader = LivrLoader(d, rank=0, world_size=world_size, batch_size=batch_size, seed=0)
+            loader._read_mode = mode
+            t = time.perf_counter()
+            n = sum(len(b) for b in loader)
+            if r:
+                times[mode].append(time.perf_counter() - t)
+            got[mode] = (n, loader.stats["bytes_read"])
+    return [{"read": mode, "world_size": world_size, "samples_per_epoch": got[mode][0],
+             "samples_per_s": got[mode][0] / statistics.median(times[mode]),
+             "MiB_read_per_epoch": got[mode][1] / 2**20, "bytes_read_per_sample": got[mode][1] / got[mode][0],
+             "read_vs_dataset": got[mode][1] / data_bytes} for mode in order]
+
+
 def run_all(out: str, model_path: str | None, family: str, data_dir: str | None, only=None, repeats=10,
             archs=("qwen2_5_vl_3b", "qwen3_vl_4b"), arch_batch: int = 8, image_pixels: int = 448 * 448,
             peak_tflops: float | None = None) -> dict:
@@ -199,7 +249,8 @@ def run_all(out: str, model_path: str | None, family: str, data_dir: str | None,
                           "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
               "model": model_path, "family": family}
-    todo = only or ["stage", "mask", "packing", "loader", "trainer"] + (["arch"] if torch.cuda.is_available() else [])
+    todo = only or ["stage", "mask", "packing", "loader", "trainer"] + (["arch", "eval"] if torch.cuda.is_available()
+                                                                       else [])
     if "stage" in todo:
         result["stage"] = bench_stage(model_path, family, data_dir, repeats=repeats)
     if "mask" in todo:
@@ -208,6 +259,7 @@ def run_all(out: str, model_path: str | None, family: str, data_dir: str | None,
         result["packing"] = bench_packing(model_path, family, data_dir, repeats=max(3, repeats // 2))
     if "loader" in todo:
         result["loader"] = bench_loader(model_path, family, data_dir)
+        result["loader_io"] = bench_loader_io()
         if "stage" in result:
             step = min(r["stage1_s"] for r in result["stage"])
             result["loader_vs_consumption"] = {"train_samples_per_s": 8 / step,
@@ -227,6 +279,16 @@ def run_all(out: str, model_path: str | None, family: str, data_dir: str | None,
                 torch.cuda.empty_cache()
             with open(out, "w") as f:  # a long run keeps what it has measured so far
                 json.dump(result, f, indent=1)
+    if "eval" in todo:
+        from .models.archs import arch_spec
+
+        result["eval"] = []
+        for arch in archs:
+            path = arch if arch.startswith("arch:") else f"arch:{arch}"
+            result["eval"].append(bench_eval(path, arch_spec(path)[0]["family"], data_dir, repeats=max(2, repeats // 3),
+                                             image_pixels=image_pixels))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -250,8 +312,10 @@ def format_tables(result: dict) -> str:
     table("Mask construction (bottleneck, B = 1)", result.get("mask"))
     table("Packed vs padded rows", result.get("packing"))
     table("Loader throughput (decode + processor + collate)", result.get("loader"))
+    table("Loader shard reads: stream vs indexed (rank 0 of W, decode only, same shards)", result.get("loader_io"))
     table("livr-ds vs transformers Trainer + PEFT + DeepSpeed (Direct SFT, same batches)", result.get("trainer"))
     table("Published architectures, random weights: Stage 1 vs Stage 2 per backend", result.get("arch"))
+    table("Evaluation (cached greedy, batch 1) vs a training step (micro batch 1)", result.get("eval"))
     if "loader_vs_consumption" in result:
         lc = result["loader_vs_consumption"]
         lines.append(f"\nloader / training consumption: {lc['best_loader_samples_per_s'] / lc['train_samples_per_s']:.2f}x")
@@ -272,13 +336,14 @@ def add_bench_command(sub) -> None:
     p.add_argument("--model-path", default=None, help="a local checkpoint (default: a tiny random one)")
     p.add_argument("--family", default="qwen2_5_vl")
     p.add_argument("--data", default=None, help="shard dir (default: a small demo set)")
-    p.add_argument("--only", nargs="+", choices=["stage", "mask", "packing", "loader", "trainer", "arch"],
-                   help="default: all (arch only when a GPU is present)")
+    p.add_argument("--only", nargs="+", choices=["stage", "mask", "packing", "loader", "trainer", "arch", "eval"],
+                   help="default: all (arch and eval only when a GPU is present)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--arch", nargs="+", default=["qwen2_5_vl_3b", "qwen3_vl_4b"],
-                   help="published architectures for `arch` (random weights; NAME:N keeps N LM layers)")
+                   help="published architectures for `arch` and `eval` (random weights; NAME:N keeps N LM layers)")
     p.add_argument("--arch-batch", type=int, default=8, help="samples per step in `arch`")
-    p.add_argument("--image-pixels", type=int, default=448 * 448, help="pixels per image in `arch` (sets token count)")
+    p.add_argument("--image-pixels", type=int, default=448 * 448,
+                   help="pixels per image in `arch` and `eval` (sets token count)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU when the GPU is not in the table")
     p.set_defaults(func=_bench_cmd)
 
@@ -303,7 +368,7 @@ def bench_vs_trainer(model_path, family, data_dir, rounds=3, steps=5, batch_size
     dist.init("cpu")
     cfg = load_config(None, [f"model.family={family}", f"model.path={model_path}", "latents.num=0",
                              "schedule.stage1_epochs=0", "lora.dropout=0.0", "stage=2",
-                             f"optim.micro_batch_size={batch_size}", "optim.grad_accum=1"])
+                             f"optim.micro_batch_size={batch_size}", f"optim.global_batch_size={batch_size}"])
     loader = LivrLoader([ShardSource(data_dir)], 0, 1, batch_size=batch_size, seed=0)
     bb = build_backbone(cfg, policy="standard")
     collator = LivrCollator(bb.adapter, bb.processor, [])
@@ -476,3 +541,82 @@ def bench_arch(model_path: str, family: str, data_dir: str, batch_size: int = 8,
                      "mfu_6n": f["flops_6n"] / sec / peak if peak else None,
                      **memory.get((backend, layout, policy), {})})
     return rows
+
+
+def bench_eval(model_path: str, family: str, data_dir: str, repeats: int = 3, image_pixels: int = 448 * 448,
+               max_new_tokens: int = 8, mode: str = "standard", reference: bool = True) -> dict:
+    """Seconds per evaluated sample vs seconds per training optimizer step, one sample each.
+
+    Eval: `generate.greedy_answers` on one sample (batch 1) under `mode`, KV-cached (prefill once,
+    then one cached step per token; random weights never say <eos>, so every call generates all
+    `max_new_tokens`: the worst case, a real "(B)" <eos> answer is 4). With `reference`, also the
+    recompute-per-token loop (greedy_answers(use_cache=False)). Train: forward + backward + AdamW
+    step of the plain LivrModel (no DeepSpeed) on the same sample with its answer, micro batch 1,
+    Stage 2 (standard mask). bf16 on a GPU, fp32 on CPU; sdpa on both sides; train, then eval
+    (inside one latent-row merge, as evaluate.evaluate runs), medians of `repeats` calls each."""
+    from . import generate
+    from .config import load_config
+    from .data.collate import LivrCollator
+    from .evaluate import get_mode
+    from .modeling import build_backbone
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    cfg = load_config(None, [f"model.family={family}", f"model.path={model_path}", "latents.num=16",
+                             "model.attn_backend=sdpa", f"model.dtype={'bfloat16' if cuda else 'float32'}",
+                             f"model.min_pixels={image_pixels}", f"model.max_pixels={image_pixels}",
+                             "lora.dropout=0.0"])
+    bb = build_backbone(cfg, policy="standard", device=device)
+    model = bb.model.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    sample = _demo_samples(data_dir, 1)[0]
+    m = get_mode(mode)
+    gen_collator = LivrCollator(bb.adapter, bb.processor, bb.latent_ids if m.keep_latents else [], max_tokens=8192,
+                                with_answer=False)
+    batch = generate.to_device(LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens=8192)([sample]),
+                               device)
+    prompt_tokens = len(gen_collator.encode(sample).input_ids)
+
+    def train_step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        model(batch, "standard").backward()
+        opt.step()
+
+    def evaluate(use_cache):
+        def run():
+            model.eval()
+            return generate.greedy_ids(model, gen_collator, [sample], m.policy, max_new_tokens, use_cache=use_cache)
+        return run
+
+    # The eval loop (evaluate.evaluate) writes the trained latent rows into the table once per run
+    # (modeling.merged_latent_rows) instead of PEFT copying the table at every call; training
+    # cannot (the rows must get gradients). So: train timed unmerged, then eval timed inside one
+    # merge, as an evaluation run does; the one-time merge is reported on its own.
+    from .modeling import merged_latent_rows
+
+    t = {"train": _timeit(_synced(train_step), repeats)}
+    t0 = time.perf_counter()
+    with merged_latent_rows(model.hf_model):
+        merge_s = time.perf_counter() - t0
+        new_tokens = len(evaluate(True)()[0])
+        t["eval"] = _timeit(_synced(evaluate(True)), repeats)
+        if reference:
+            t["eval_recompute"] = _timeit(_synced(evaluate(False)), repeats)
+    row = {"model": model_path, "device": device.type, "dtype": "bfloat16" if cuda else "float32",
+           "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "eval_s_per_sample": t["eval"],
+           "train_s_per_step": t["train"], "eval_per_train_step": t["eval"] / t["train"],
+           "latent_row_merge_s_once": merge_s}
+    if reference:
+        row["eval_recompute_s_per_sample"] = t["eval_recompute"]
+        row["recompute_per_cached"] = t["eval_recompute"] / t["eval"]
+    # What every decode step pays outside the layers: one input-embedding and one LM-head call for a
+    # single token. With latent rows trained through PEFT's trainable_token_indices, each call
+    # rebuilds the merged vocab x hidden table (TrainableTokensWrapper.get_merged_weights).
+    hf = model.hf_model
+    one = torch.tensor([[bb.processor.tokenizer.eos_token_id]], device=device)
+    hidden = torch.zeros(1, 1, hf.lm_head.weight.shape[1], device=device, dtype=hf.dtype)
+    with torch.no_grad():
+        row["embed_call_s"] = _timeit(_synced(lambda: hf.get_input_embeddings()(one)), 3)
+        row["head_call_s"] = _timeit(_synced(lambda: hf.lm_head(hidden)), 3)
+    return row

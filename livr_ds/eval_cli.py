@@ -10,8 +10,12 @@ import argparse
 
 def _eval(args) -> int:
     from .evaluate import run
+    from .table import results_table
+    from .train import distributed as dist
 
-    run(args)
+    results = run(args)
+    if dist.is_main():  # the paper's Table 1 columns for the tasks evaluated (livr_ds/table.py)
+        print(results_table(results, args.out), flush=True)
     return 0
 
 

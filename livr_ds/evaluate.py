@@ -21,6 +21,12 @@ position of every sample is a function of (rank, batch, slot), so `--max-samples
 same subset at any world size (a fixed seeded shuffle first, so that the subset mixes the tasks)
 and the gathered records are sorted into that order.
 
+Device: the accelerator when there is one (cuda:LOCAL_RANK), else the CPU; `--device` overrides.
+dtype `auto`: bfloat16 on a CUDA device with bf16 support, else float32. One process never
+initialises torch.distributed; several (WORLD_SIZE > 1) do, and split the samples.
+
+Training's validation calls the same loop (`evaluate` + `gather_accuracy`, see `evaluate`).
+
 Outputs: `results.json` ({"mode", "per_task": {task: {"accuracy", "n"}}, "mean", ...} plus
 provenance: checkpoint, data paths with the manifest's sha256, split, pixel budget, parse
 failures, versions) and the raw predictions in `results.predictions.jsonl` beside it.
@@ -29,6 +35,7 @@ failures, versions) and the raw predictions in `results.predictions.jsonl` besid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -42,10 +49,14 @@ from dataclasses import dataclass
 import torch
 
 from . import generate
+from .modeling import merged_latent_rows
 from .data.collate import LivrCollator
 from .data.reader import LivrLoader, ShardSource
 
 log = logging.getLogger(__name__)
+
+# The per-sample token limit when nothing says otherwise (zero-shot): what training configs accept.
+DEFAULT_MAX_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -69,11 +80,44 @@ def get_mode(name: str) -> EvalMode:
     return MODES[name]
 
 
-def make_collator(backbone, mode: EvalMode, *, with_answer: bool, max_tokens: int = 4096) -> LivrCollator:
+def make_collator(backbone, mode: EvalMode, *, with_answer: bool, max_tokens: int | None = None) -> LivrCollator:
     """The collator a mode feeds the model: with the checkpoint's latents, or with none."""
     latent_ids = backbone.latent_ids if mode.keep_latents else []
-    return LivrCollator(backbone.adapter, backbone.processor, latent_ids, max_tokens=max_tokens,
-                        too_long="error", with_answer=with_answer)
+    return LivrCollator(backbone.adapter, backbone.processor, latent_ids,
+                        max_tokens=max_tokens or default_max_tokens(backbone), too_long="error",
+                        with_answer=with_answer)
+
+
+def default_max_tokens(backbone) -> int:
+    """The export's own limit (livr.json `max_tokens`, what training accepted), else 8192."""
+    path = os.path.join(str(backbone.path), "livr.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            value = json.load(f).get("max_tokens")
+        if value:
+            return int(value)
+    return DEFAULT_MAX_TOKENS
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: cuda:LOCAL_RANK when CUDA is available, else cpu; cpu / cuda as named."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    if name != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on a CUDA device that supports it, float32 otherwise."""
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown dtype {name!r}; choose auto, float32 or bfloat16")
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -92,17 +136,33 @@ def load_model(ckpt: str | None = None, *, which: str = "final", base_model: str
 
 
 # ---- the loop -----------------------------------------------------------------------------
-def iter_samples(data: list[str], split: str, rank: int, world_size: int, batch_size: int,
-                 max_samples: int = 0, num_workers: int = 0):
+def as_sources(data, split: str | None = None) -> list[ShardSource]:
+    """ShardSources from paths, ShardSource objects or anything with .path (and .weight), e.g. the
+    config's DataSource. `split` applies to all; None: "test" for paths, a ShardSource keeps its own."""
+    if isinstance(data, (str, os.PathLike, ShardSource)):
+        data = [data]
+    out = []
+    for d in data:
+        if isinstance(d, ShardSource):
+            out.append(dataclasses.replace(d, split=split) if split else d)
+        elif isinstance(d, (str, os.PathLike)):
+            out.append(ShardSource(os.fspath(d), split=split or "test"))
+        else:
+            out.append(ShardSource(d.path, weight=getattr(d, "weight", 1.0), split=split or "test"))
+    return out
+
+
+def iter_samples(data, split: str | None, rank: int, world_size: int, batch_size: int,
+                 max_samples: int = 0, num_workers: int = 0, seed: int = 0, on_error: str = "raise"):
     """Yield (global positions, samples) per batch for this rank, padded duplicates removed.
 
-    Order is the dataset order, or with max_samples a fixed shuffle (seed 0, epoch 0) so that the
+    Order is the dataset order, or with max_samples a fixed shuffle (`seed`, epoch 0) so that the
     first N mix every task instead of being the first task's; either way a pure function of the
     sources, and position p of global batch b, rank r, slot i is b * W * B + r * B + i: the same
     sample at any world size.
     """
-    loader = LivrLoader([ShardSource(d, split=split) for d in data], rank=rank, world_size=world_size,
-                        batch_size=batch_size, num_workers=num_workers, seed=0, shuffle=bool(max_samples))
+    loader = LivrLoader(as_sources(data, split), rank=rank, world_size=world_size, batch_size=batch_size,
+                        num_workers=num_workers, seed=seed, shuffle=bool(max_samples), on_error=on_error)
     for b, samples in enumerate(loader):
         base = b * world_size * batch_size + rank * batch_size
         keep = [(base + i, s) for i, s in enumerate(samples)
@@ -124,6 +184,7 @@ def likelihood_answers(model, collator: LivrCollator, samples, policy: str) -> l
             owners.append(i)
     if not rows:
         return [("", []) for _ in samples]
+    model = generate.unwrap(model)
     device = next(model.parameters()).device
     batch = generate.to_device(collator.pad(rows), device)
     hidden = model.hidden_states(batch, policy)[:, :-1]
@@ -142,60 +203,114 @@ def likelihood_answers(model, collator: LivrCollator, samples, policy: str) -> l
 SCORINGS = ("generate", "likelihood")
 
 
-def evaluate(backbone, data: list[str], mode: str | EvalMode, *, split: str = "test", batch_size: int = 8,
-             max_new_tokens: int = 8, max_samples: int = 0, max_tokens: int = 4096, rank: int = 0,
-             world_size: int = 1, probe: str | None = None, probe_images: int = 0, probe_dir: str | None = None,
-             num_workers: int = 0, scoring: str = "generate") -> tuple[list[dict], dict | None]:
-    """This rank's records (one per real sample, in order) and its probe accumulators.
+def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, batch_size: int = 8,
+             max_new_tokens: int = 8, max_samples: int = 0, max_tokens: int | None = None,
+             rank: int | None = None, world_size: int | None = None, probe: str | None = None,
+             probe_images: int = 0, probe_dir: str | None = None, num_workers: int = 0,
+             scoring: str = "generate", seed: int = 0, on_error: str = "raise",
+             use_cache: bool = True) -> tuple[list[dict], dict | None]:
+    """This rank's records (one per real sample, in global order) and its probe accumulators.
 
-    scoring="generate": greedy answers, parsed (the paper's protocol). "likelihood": forced choice
-    among the options for multiple-choice samples (open-ended ones are still generated)."""
+    The one evaluation loop: `launch/eval.py` / `livr-ds eval` and training's validation both call
+    it. `backbone` needs .model (a LivrModel, or the DeepSpeed engine around one: engine.module
+    is used), .processor, .adapter, .latent_ids and .path (for the default max_tokens). `data`:
+    paths, ShardSource objects or config DataSources (weights kept); `split` applies to all of
+    them (None: "test" for paths, a ShardSource's own split). rank / world_size None: from
+    torch.distributed when it is initialised, else 0 / 1. max_tokens None: the export's livr.json
+    `max_tokens`, else 8192. The model is put in eval mode and given back in the mode it was in.
+
+    scoring="generate": greedy answers (KV-cached, generate.greedy_answers), parsed (the paper's
+    protocol). "likelihood": forced choice among the options for multiple-choice samples
+    (open-ended ones are still generated).
+
+    Training's validation (every rank, the model inside the DeepSpeed engine; ZeRO 1/2 only: the
+    ranks may run different numbers of forwards, which ZeRO-3's gathered parameters would not allow):
+
+        records, _ = evaluate.evaluate(trainer.backbone, cfg.data.val, "standard",
+                                       split=cfg.data.val_split, batch_size=max(cfg.optim.micro_batch_size, 4),
+                                       max_samples=cfg.data.val_max_samples, max_tokens=cfg.data.max_tokens,
+                                       num_workers=cfg.data.num_workers, seed=cfg.seed,
+                                       on_error=cfg.data.on_error)
+        acc = evaluate.gather_accuracy(records)   # collective: dist.gather_objects on every rank
+        acc["mean"], acc["per_task"]               # generate.accuracy_by_task over all ranks' records
+    """
     from . import probes
+    from .data.reader import dist_rank_world
 
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+    if rank is None or world_size is None:
+        r, w = dist_rank_world()
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
     mode = get_mode(mode) if isinstance(mode, str) else mode
-    model = backbone.model
+    model = generate.unwrap(backbone.model)
+    max_tokens = max_tokens or default_max_tokens(backbone)
     gen_collator = make_collator(backbone, mode, with_answer=False, max_tokens=max_tokens)
     answer_collator = make_collator(backbone, mode, with_answer=True, max_tokens=max_tokens)
     acc = probes.AttentionAccumulator() if probe else None
     drawn = 0
     records: list[dict] = []
+    was_training = model.training
     model.eval()
-    for positions, samples in iter_samples(data, split, rank, world_size, batch_size, max_samples, num_workers):
-        preds: list[str | None] = [None] * len(samples)
-        option_ll: list[list[float] | None] = [None] * len(samples)
-        if scoring == "likelihood":
-            mc = [i for i, s in enumerate(samples) if s.choices]
-            for i, (pred, sc) in zip(mc, likelihood_answers(model, answer_collator, [samples[i] for i in mc],
-                                                            mode.policy)):
-                preds[i], option_ll[i] = pred, sc
-        rest = [i for i, p in enumerate(preds) if p is None]
-        if rest:
-            for i, pred in zip(rest, generate.greedy_answers(model, gen_collator, [samples[i] for i in rest],
-                                                             mode.policy, max_new_tokens)):
-                preds[i] = pred
-        recs = generate.score(samples, preds)
-        for r, sc in zip(recs, option_ll):
-            if sc is not None:
-                r["option_loglik"] = sc
-        for p, r in zip(positions, recs):
-            r["index"] = p
-        if probe:
-            batch = answer_collator(samples)
-            per_sample, maps = probes.attention_probe(model, batch, mode.policy, want_maps=drawn < probe_images)
-            acc.add(per_sample, [s.task for s in samples])
-            for r, v in zip(recs, per_sample):
-                r["answer_to_latent"] = v["answer_to_latent"]
-            if maps is not None and probe_dir:
-                for s, m in zip(samples, maps):
-                    if drawn >= probe_images:
-                        break
-                    probes.draw_latent_heatmaps(s, m, os.path.join(probe_dir, f"{s.key.replace('/', '_')}.png"),
-                                                title=f"{s.task} {s.key}: latent-to-image attention ({mode.name})")
-                    drawn += 1
-        records += recs
+    rows = contextlib.ExitStack()  # the trained latent rows written into the table for the loop
+    rows.enter_context(merged_latent_rows(model.hf_model))
+    try:
+        for positions, samples in iter_samples(data, split, rank, world_size, batch_size, max_samples, num_workers,
+                                               seed=seed, on_error=on_error):
+            preds: list[str | None] = [None] * len(samples)
+            option_ll: list[list[float] | None] = [None] * len(samples)
+            if scoring == "likelihood":
+                mc = [i for i, s in enumerate(samples) if s.choices]
+                for i, (pred, sc) in zip(mc, likelihood_answers(model, answer_collator, [samples[i] for i in mc],
+                                                                mode.policy)):
+                    preds[i], option_ll[i] = pred, sc
+            rest = [i for i, p in enumerate(preds) if p is None]
+            if rest:
+                for i, pred in zip(rest, generate.greedy_answers(model, gen_collator, [samples[i] for i in rest],
+                                                                 mode.policy, max_new_tokens, use_cache=use_cache)):
+                    preds[i] = pred
+            recs = generate.score(samples, preds)
+            for r, sc in zip(recs, option_ll):
+                if sc is not None:
+                    r["option_loglik"] = sc
+            for p, r in zip(positions, recs):
+                r["index"] = p
+            if probe:
+                batch = answer_collator(samples)
+                per_sample, maps = probes.attention_probe(model, batch, mode.policy, want_maps=drawn < probe_images)
+                acc.add(per_sample, [s.task for s in samples])
+                for r, v in zip(recs, per_sample):
+                    r["answer_to_latent"] = v["answer_to_latent"]
+                if maps is not None and probe_dir:
+                    for s, m in zip(samples, maps):
+                        if drawn >= probe_images:
+                            break
+                        probes.draw_latent_heatmaps(s, m, os.path.join(probe_dir, f"{s.key.replace('/', '_')}.png"),
+                                                    title=f"{s.task} {s.key}: latent-to-image attention ({mode.name})")
+                        drawn += 1
+            records += recs
+    finally:
+        rows.close()
+        model.train(was_training)
     return records, (acc.state() if acc else None)
+
+
+def gather_records(records: list[dict], extra=None) -> tuple[list[dict], list]:
+    """Every rank's records in global order (and every rank's `extra`, in rank order). A collective
+    when torch.distributed is initialised (call it on every rank); the identity otherwise."""
+    from .train import distributed as dist
+
+    gathered = dist.gather_objects((records, extra))
+    out = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])
+    if len({r["index"] for r in out}) != len(out):
+        raise RuntimeError("internal: a sample was evaluated twice across ranks")
+    return out, [e for _, e in gathered]
+
+
+def gather_accuracy(records: list[dict]) -> dict:
+    """generate.accuracy_by_task over all ranks' records ({"per_task", "mean"}); collective."""
+    return generate.accuracy_by_task(gather_records(records)[0])
 
 
 def parse_failures(records: list[dict]) -> dict:
@@ -332,10 +447,15 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="samples per rank per generation batch")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--max-samples", type=int, default=0, help="a fixed mixed subset: the first N of a seeded shuffle of the split, the same at any world size (0 = all)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="refuse longer samples (answers are never cut)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="refuse longer samples (answers are never cut); default: the export's max_tokens from "
+                        f"training (livr.json), {DEFAULT_MAX_TOKENS} zero-shot")
     p.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "eager"],
                    help="sdpa; eager is forced by --probe attention (attention weights need it)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: cuda:LOCAL_RANK when a GPU is visible, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on a CUDA device with bf16 support, else float32")
     p.add_argument("--probe", choices=["attention"], help="also measure answer->latent attention and draw "
                                                            "latent->image heat maps")
     p.add_argument("--probe-images", type=int, default=4, help="heat-map PNGs to draw (rank 0's first samples)")
@@ -357,26 +477,30 @@ def run(args: argparse.Namespace) -> dict:
     if args.ckpt is None and not (args.base_model and args.family):
         raise ValueError("give --ckpt (an export or a stage run dir), or --base-model and --family for zero-shot")
     started = time.time()
-    device = dist.init() if _distributed_env() else torch.device("cpu")
+    requested = getattr(args, "device", "auto")
+    if _distributed_env():  # several ranks: a process group (nccl on GPUs, gloo on CPUs)
+        device = dist.init(None if requested == "auto" else requested)
+    else:  # one process: no torch.distributed at all
+        device = resolve_device(requested)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
     backend = "eager" if args.probe == "attention" else args.attn_backend
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    dtype = resolve_dtype(args.dtype, device)
     backbone = load_model(args.ckpt, which=args.which, base_model=args.base_model, family=args.family,
                           attn_backend=backend, device=device, dtype=dtype)
+    max_tokens = args.max_tokens or default_max_tokens(backbone)
     mode = get_mode(args.mode)
     probe_dir = f"{args.out.removesuffix('.json')}.probes" if args.probe else None
     if probe_dir and dist.is_main():
         os.makedirs(probe_dir, exist_ok=True)
     records, probe_state = evaluate(
         backbone, args.data, mode, split=args.split, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        max_samples=args.max_samples, max_tokens=args.max_tokens, rank=dist.rank(), world_size=dist.world_size(),
+        max_samples=args.max_samples, max_tokens=max_tokens, rank=dist.rank(), world_size=dist.world_size(),
         probe=args.probe, probe_images=args.probe_images if dist.is_main() else 0, probe_dir=probe_dir,
         num_workers=args.num_workers, scoring=args.scoring,
     )
-    gathered = dist.gather_objects((records, probe_state))
-    records = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])
-    if len({r["index"] for r in records}) != len(records):
-        raise RuntimeError("internal: a sample was evaluated twice across ranks")
-    probe = probes.AttentionAccumulator.merge([s for _, s in gathered]).summary(len(backbone.latent_ids)
+    records, probe_states = gather_records(records, probe_state)
+    probe = probes.AttentionAccumulator.merge(probe_states).summary(len(backbone.latent_ids)
                                                                             if mode.keep_latents else 0) \
         if args.probe else None
     if probe is not None:
@@ -392,9 +516,11 @@ def run(args: argparse.Namespace) -> dict:
         "data": data_provenance(args.data, args.split),
         "max_samples": args.max_samples,
         "pixels": pixel_budget(backbone.processor),
-        "generation": {"scoring": args.scoring, "greedy": True, "max_new_tokens": args.max_new_tokens,
-                       "batch_size": args.batch_size},
-        "attn_backend": backend, "dtype": args.dtype, "world_size": dist.world_size(),
+        "generation": {"scoring": args.scoring, "greedy": True, "kv_cache": True,
+                       "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size},
+        "max_tokens": max_tokens,
+        "attn_backend": backend, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+        "world_size": dist.world_size(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, **_git_state()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(time.time() - started, 2),

@@ -8,6 +8,7 @@ segment and document ids (livr_ds.segments) in the format the attention backend 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -145,9 +146,9 @@ def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device |
 
     Deterministic given the config: LoRA's initialisation draws from the seeded global RNG."""
     device = device or torch.device("cpu")
-    torch.manual_seed(cfg.seed)
     adapter = get_adapter(cfg.model.family)
-    path = resolve_model_path(cfg, adapter)
+    path = resolve_model_path(cfg, adapter)  # may write a tiny model, drawing from the global RNG
+    torch.manual_seed(cfg.seed)  # after it: the process that wrote the model must init LoRA alike
     backend = pick_backend(cfg.model.attn_backend, policy, packed, device)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     image_kwargs = {k: getattr(cfg.model, k) for k in ("min_pixels", "max_pixels") if getattr(cfg.model, k)}
@@ -284,6 +285,36 @@ class LivrModel(torch.nn.Module):
             return hidden.sum() * 0.0
         logits = self.hf_model.lm_head(hidden[:, :-1][keep]).float()
         return F.cross_entropy(logits, targets[keep])
+
+
+@contextlib.contextmanager
+def merged_latent_rows(module: torch.nn.Module):
+    """Write the trained latent rows into the embedding table (and a tied head) for the duration,
+    exactly undone after.
+
+    PEFT's trainable-token layer otherwise builds a fresh copy of the whole table on every call
+    (`index_copy` of 151,936 x 2,048 for Qwen2.5-VL-3B), once for the embedding and once for a
+    tied head: generation calls both once per token. Merging and unmerging only swap rows (the
+    originals are kept by PEFT), so the table is bit-identical afterwards, and the forward with
+    merged rows computes the same numbers. Only layers not already merged are touched."""
+    try:
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    except ImportError:  # a PEFT without trainable tokens has nothing to merge
+        yield
+        return
+    layers = [m for m in module.modules() if isinstance(m, TrainableTokensLayer) and not m.merged
+              and m.active_adapters and not m.disable_adapters]
+    done = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer.merge()
+                done.append(layer)
+        yield
+    finally:
+        with torch.no_grad():
+            for layer in reversed(done):
+                layer.unmerge()
 
 
 def _doc_spans(doc_row: torch.Tensor, seg_row: torch.Tensor) -> list[tuple[int, int]]:

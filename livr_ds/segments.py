@@ -49,16 +49,19 @@ def allowed(table: torch.Tensor, seg_q, seg_k, doc_q, doc_k, q_idx, k_idx):
     return ((k_idx <= q_idx) & (doc_q == doc_k) & by_policy) | (q_idx == k_idx)
 
 
-def dense_mask(segment_ids: torch.Tensor, doc_ids: torch.Tensor, policy: str) -> torch.Tensor:
-    """Bool mask (B, 1, L, L), True = may attend: the format sdpa takes."""
+def dense_mask(segment_ids: torch.Tensor, doc_ids: torch.Tensor, policy: str, q_start: int = 0) -> torch.Tensor:
+    """Bool mask (B, 1, L - q_start, L), True = may attend: the format sdpa takes.
+
+    q_start > 0 keeps only the query rows from position q_start on, against every key: a
+    KV-cached decode step (the new tokens are the last positions, the cache holds the rest)."""
     table = policy_table(policy).to(segment_ids.device)
     L = segment_ids.shape[-1]
     idx = torch.arange(L, device=segment_ids.device)
     mask = allowed(
         table,
-        segment_ids[:, :, None], segment_ids[:, None, :],
-        doc_ids[:, :, None], doc_ids[:, None, :],
-        idx[None, :, None], idx[None, None, :],
+        segment_ids[:, q_start:, None], segment_ids[:, None, :],
+        doc_ids[:, q_start:, None], doc_ids[:, None, :],
+        idx[None, q_start:, None], idx[None, None, :],
     )
     return mask[:, None]
 

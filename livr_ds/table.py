@@ -6,6 +6,9 @@ A row's name is the results file's `name` field or, without one, the file stem; 
 mode other than `standard` gets the mode appended ("LIVR (bottleneck)"). `--by mode` pivots
 instead: one row per run name, one column per evaluation mode (mean accuracy), the layout of the
 paper's test-time-bottleneck analysis.
+
+Task names are read through livr_ds/data/tasks.py (BLINK's `object_localization` is the paper's
+`localization` column). `livr-ds eval` prints its result with `results_table`.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 
-# The paper's column order (Table 1); other tasks follow alphabetically.
-PAPER_ORDER = ("counting", "jigsaw", "localization", "visual_correspondence", "art_style",
-               "semantic_correspondence", "functional_correspondence", "relative_reflectance",
-               "visual_similarity")
+from .data.tasks import PAPER_TASKS, canonical_task
+
+# The paper's column order (Table 1, data/tasks.py); other tasks follow alphabetically.
+PAPER_ORDER = PAPER_TASKS
 MODE_ORDER = ("standard", "no_latents", "bottleneck", "bottleneck_no_latents")
 
 
@@ -31,9 +34,21 @@ def load_results(paths: list[str]) -> list[dict]:
         if not isinstance(res, dict) or "per_task" not in res or "mean" not in res:
             raise ValueError(f"{path}: not a livr-ds results file (no per_task / mean)")
         stem = os.path.basename(path).removesuffix(".json")
-        out.append({**res, "_stem": stem, "_path": path})
+        out.append({**res, "per_task": canonical_per_task(res["per_task"], path), "_stem": stem, "_path": path})
     if not out:
         raise ValueError("no results files given")
+    return out
+
+
+def canonical_per_task(per_task: dict, where: str = "results") -> dict:
+    """Task names as data/tasks.py's canonical names (BLINK's object_localization -> localization),
+    so results of shards written under BLINK's names land in the paper's columns."""
+    out: dict = {}
+    for t, v in per_task.items():
+        c = canonical_task(t)
+        if c in out:
+            raise ValueError(f"{where}: tasks {t!r} and another both name task {c!r}")
+        out[c] = v
     return out
 
 
@@ -109,6 +124,13 @@ def mode_table(results: list[dict], digits: int = 2) -> str:
     modes += sorted({k[1] for k in cells} - set(modes))
     rows = [[n, *(_fmt(cells.get((n, m)), digits) for m in modes)] for n in names]
     return _markdown(["Run", *modes], rows)
+
+
+def results_table(results: dict, path: str, digits: int = 2) -> str:
+    """One in-memory results dict (as `livr-ds eval` writes to ``path``) as a Table 1 row."""
+    stem = os.path.basename(path).removesuffix(".json")
+    return task_table([{**results, "per_task": canonical_per_task(results["per_task"], path), "_stem": stem}],
+                      digits=digits)
 
 
 def format_table(paths: list[str], baseline: str | None = None, by: str = "task", digits: int = 2) -> str:

@@ -143,6 +143,64 @@ def blink_parquet(path: str, groups: list[list[Image.Image]], sub_task: str) -> 
     return path
 
 
+# BLINK as it ships (huggingface.co/datasets/BLINK-Benchmark/BLINK): one folder per subtask with
+# val-*.parquet and test-*.parquet; columns idx ("val_<Sub_Task>_<i>"), question, sub_task,
+# image_1..image_4 ({bytes, path} structs, null when absent), choices, answer ("(A)"; "hidden" in
+# test), prompt, explanation.
+BLINK_HUB_TASKS = {"Counting": 1, "Jigsaw": 3, "Object_Localization": 1}  # subtask -> images per sample
+BLINK_HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def blink_hub_image(sub_task: str, split: str, i: int, j: int, w: int = 32, h: int = 24) -> Image.Image:
+    seed = int(hashlib.sha256(f"{sub_task}/{split}/{i}/{j}".encode()).hexdigest()[:8], 16)
+    return texture(seed, w, h)
+
+
+def make_blink_hub(root: str, n_val: int = 2, n_test: int = 1, tasks: dict | None = None, git: bool = True) -> str:
+    """A BLINK hub copy: <root>/<Sub_Task>/{val,test}-00000-of-00001.parquet (+ .git/HEAD naming
+    BLINK_HUB_COMMIT when git)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for sub, n_img in (tasks or BLINK_HUB_TASKS).items():
+        for split, n in (("val", n_val), ("test", n_test)):
+            rows = {k: [] for k in ("idx", "question", "sub_task", "choices", "answer", "prompt", "explanation")}
+            images = {f"image_{j + 1}": [] for j in range(4)}
+            for i in range(n):
+                choices = ["1", "2", "3"] if sub == "Counting" else ["first", "second"]
+                q = f"Question {i} of {sub}?"
+                rows["idx"].append(f"{split}_{sub}_{i + 1}")
+                rows["question"].append(q)
+                rows["sub_task"].append(sub)
+                rows["choices"].append(choices)
+                rows["answer"].append("hidden" if split == "test" else f"({'AB'[i % 2]})")
+                rows["prompt"].append(q + "".join(f"\n({chr(65 + k)}) {c}" for k, c in enumerate(choices)))
+                rows["explanation"].append("")
+                for j in range(4):
+                    cell = {"bytes": png_bytes(blink_hub_image(sub, split, i, j)), "path": f"{j}.png"}
+                    images[f"image_{j + 1}"].append(cell if j < n_img else None)
+            table = pa.table({"idx": rows["idx"], "question": rows["question"], "sub_task": rows["sub_task"],
+                              **{k: pa.array(v, type=struct) for k, v in images.items()},
+                              "choices": pa.array(rows["choices"], type=pa.list_(pa.string())),
+                              "answer": rows["answer"], "prompt": rows["prompt"], "explanation": rows["explanation"]})
+            os.makedirs(os.path.join(root, sub), exist_ok=True)
+            pq.write_table(table, os.path.join(root, sub, f"{split}-00000-of-00001.parquet"))
+    if git:
+        os.makedirs(os.path.join(root, ".git", "refs", "heads"), exist_ok=True)
+        with open(os.path.join(root, ".git", "HEAD"), "w") as f:
+            f.write("ref: refs/heads/main\n")
+        with open(os.path.join(root, ".git", "refs", "heads", "main"), "w") as f:
+            f.write(BLINK_HUB_COMMIT + "\n")
+    return root
+
+
 # ---- HPatches: hpatches-sequences-release/<seq>/{1..6}.ppm + H_1_2..H_1_6 (github.com/hpatches/
 # hpatches-dataset README: "each sequence ... 6 images ... homographies H_1_k from image 1 to k").
 def hpatches_h(seq: int, k: int) -> np.ndarray:

@@ -203,6 +203,31 @@ def test_coco_dedup_removes_near_duplicate(src, tmp_path):
     assert kept <= got  # different images are kept
 
 
+def test_builders_dedup_reads_the_blink_hub_as_it_ships(tmp_path):
+    """The hub copy (val and test of every subtask): a task reads its own subtask's folder (named in
+    data/tasks.py); a glob or a hub-cache repo folder works as well."""
+    from builder_fixtures import make_blink_hub
+
+    from livr_ds.builders.dedup import load_test_groups
+
+    hub = make_blink_hub(str(tmp_path / "BLINK"), n_val=2, n_test=1)
+    groups, files = load_test_groups(hub, task="localization")
+    assert len(groups) == 3 and sorted(os.path.relpath(f, hub) for f in files) == [
+        "Object_Localization/test-00000-of-00001.parquet", "Object_Localization/val-00000-of-00001.parquet"]
+    assert len(load_test_groups(hub, task="jigsaw")[0]) == 3 and len(load_test_groups(hub)[0]) == 9
+    groups, files = load_test_groups(os.path.join(hub, "*", "val-*.parquet"))
+    assert len(groups) == 6 and len(files) == 3
+    cache = tmp_path / "hub" / "datasets--BLINK-Benchmark--BLINK"  # the Hugging Face cache layout
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text("0" * 40)
+    (cache / "snapshots").mkdir()
+    os.rename(hub, cache / "snapshots" / ("0" * 40))
+    groups, files = load_test_groups(str(cache), task="localization")
+    assert len(groups) == 3 and all("Object_Localization" in f for f in files)
+    with pytest.raises(DataError, match="matches no"):
+        load_test_groups(str(tmp_path / "nowhere" / "*.parquet"))
+
+
 def test_coco_bad_layout_and_too_many(src, tmp_path):
     with pytest.raises(DataError, match="instances_train2017.json"):
         build_task("localization", str(tmp_path / "x"), source=str(tmp_path), seed=1)

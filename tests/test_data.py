@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from livr_ds.data import index as index_mod
 from livr_ds.data import reader as reader_mod
 from livr_ds.data.cli import add_shards_commands
 from livr_ds.data.demo import TASKS, make_demo
@@ -37,15 +39,15 @@ def _enc(im: Image.Image, fmt="PNG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def _sample(i: int, task="t", n_images=1) -> dict:
+def _sample(i: int, task="t", n_images=1, size=(12, 10)) -> dict:
     return {"key": f"s{i:04d}", "task": task, "question": f"q{i}?", "choices": ["x", "y"],
-            "answer": "AB"[i % 2], "images": [_enc(_img(1000 * i + j)) for j in range(n_images)]}
+            "answer": "AB"[i % 2], "images": [_enc(_img(1000 * i + j, size)) for j in range(n_images)]}
 
 
-def _dataset(tmp_path, n: int, n_shards: int, name="ds", task="t") -> str:
+def _dataset(tmp_path, n: int, n_shards: int, name="ds", task="t", size=(12, 10)) -> str:
     out = str(tmp_path / name)
-    size = -(-n // n_shards)
-    write_shards([_sample(i, task) for i in range(n)], out, "train", shard_size=size, progress=False)
+    per = -(-n // n_shards)
+    write_shards([_sample(i, task, size=size) for i in range(n)], out, "train", shard_size=per, progress=False)
     assert len(read_manifest(out)["splits"]["train"]["shards"]) == n_shards
     return out
 
@@ -56,6 +58,20 @@ def _keys(batches) -> list[list[str]]:
 
 def _run(loader) -> list[list]:
     return [list(b) for b in loader]
+
+
+def _member_bytes(d: str) -> dict[str, tuple[int, int]]:
+    """Per key, from python's tarfile: (bytes from its first member's header to its last member's
+    data end, sum of its members' header + data bytes)."""
+    out: dict[str, list[int]] = {}
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(d, name)) as tf:
+                for ti in tf:
+                    key = ti.name.split(".", 1)[0]
+                    first, _, hd = out.get(key, (ti.offset, 0, 0))
+                    out[key] = [first, ti.offset_data + ti.size, hd + ti.offset_data - ti.offset + ti.size]
+    return {k: (end - first, hd) for k, (first, end, hd) in out.items()}
 
 
 def _raw_tar(path: str, samples: list[dict]) -> None:
@@ -278,6 +294,8 @@ def test_resume_mid_epoch_exact_and_skips_without_decoding(tmp_path, monkeypatch
     resumed.load_state_dict(state)
     assert _keys(resumed) == full[3:]
     assert len(decoded) == 5 * 2  # only the 5 remaining batches x 2 samples x 1 image were decoded
+    spans = _member_bytes(d)  # ... and only their bytes were read
+    assert resumed.stats["bytes_read"] == sum(spans[k][0] for b in full[3:] for k in b)
 
     # another world size with the same global batch continues with exactly the unseen samples
     g = [_keys(LivrLoader(d, rank=r, world_size=2, batch_size=2, seed=7)) for r in range(2)]
@@ -322,14 +340,125 @@ def test_drop_last_and_zero_samples(tmp_path):
         LivrLoader(str(tmp_path / "nowhere-{00000..00003}.tar"))
 
 
-def test_brace_pattern_without_manifest_scans_counts(tmp_path, caplog):
+def test_brace_pattern_without_manifest_scans_counts(tmp_path, caplog, monkeypatch):
     for i in range(2):
         _raw_tar(str(tmp_path / f"p-{i:05d}.tar"), [_good_raw(f"k{i}_{j}", seed=j) for j in range(3 + i)])
+    scans = []
+    real_scan = index_mod.scan_shard
+    monkeypatch.setattr(index_mod, "scan_shard", lambda url, *a: scans.append(url) or real_scan(url, *a))
     caplog.set_level(logging.INFO)
     loader = LivrLoader(str(tmp_path / "p-{00000..00001}.tar"), batch_size=2)
-    assert loader.num_samples == 7 and "counting samples in 2 shard(s)" in caplog.text
+    assert loader.num_samples == 7 and "indexing 2 of 2 shard(s)" in caplog.text
     assert sorted(s.key for b in loader for s in b if not s.is_pad) == sorted(
         [f"k0_{j}" for j in range(3)] + [f"k1_{j}" for j in range(4)])
+    assert len(scans) == 2  # the count's header pass is the reads' index
+
+
+# ---- indexed reads: bytes, index files, cache ------------------------------------------------
+@pytest.mark.timeout(60)
+def test_indexed_reads_read_only_own_samples_same_as_stream(tmp_path):
+    d = _dataset(tmp_path, 56, 7, size=(40, 40))
+    spans = _member_bytes(d)
+    read = {"indexed": 0, "stream": 0}
+    own = hd = 0
+    for rank in range(4):
+        kw = dict(rank=rank, world_size=4, batch_size=2, num_workers=2, seed=3, shuffle_block=16, timeout=60)
+        got = {}
+        for mode in ("indexed", "stream"):
+            loader = LivrLoader(d, **kw)
+            loader._read_mode = mode
+            got[mode] = _run(loader)
+            read[mode] += loader.stats["bytes_read"]
+        assert _keys(got["indexed"]) == _keys(got["stream"])  # same samples, same batches, same rank
+        for a, b in zip((s for bt in got["indexed"] for s in bt), (s for bt in got["stream"] for s in bt)):
+            assert (a.question, a.answer, a.meta) == (b.question, b.answer, b.meta)
+            assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+        keys = [s.key for b in got["indexed"] for s in b]
+        own += sum(spans[k][0] for k in keys)
+        hd += sum(spans[k][1] for k in keys)
+    assert read["indexed"] == own  # exactly the decoded samples' byte ranges, nothing else
+    assert hd <= read["indexed"] <= 1.1 * hd  # their headers + data (+ < 512 B padding between members)
+    assert read["stream"] > 3 * read["indexed"]  # 8 readers each streaming most shards
+
+
+def test_old_shards_without_index_one_header_pass_cached(tmp_path, caplog, monkeypatch):
+    d = _dataset(tmp_path, 20, 4, size=(24, 24))
+    kw = dict(rank=1, world_size=2, batch_size=2, seed=1)
+    ref = LivrLoader(d, **kw)  # the writer's indexes
+    ref_keys = _keys(ref)
+    idx_files = sorted(f for f in os.listdir(d) if f.endswith(".idx.json"))
+    assert idx_files == [f"train-{i:05d}.tar.idx.json" for i in range(4)]
+    with open(os.path.join(d, idx_files[0])) as f:
+        j = json.load(f)
+    assert j["format"] == "livr-ds-index/1" and [s[0] for s in j["samples"]] == [f"s{i:04d}" for i in range(5)]
+
+    scans = []
+    real_scan = index_mod.scan_shard
+    monkeypatch.setattr(index_mod, "scan_shard",
+                        lambda url, *a: (lambda r: scans.append((url, r[1])) or r)(real_scan(url, *a)))
+    caplog.set_level(logging.INFO)
+
+    def fresh(**extra):  # a new process: nothing in memory
+        index_mod._MEMO.clear()
+        loader = LivrLoader(d, **kw, **extra)
+        assert _keys(loader) == ref_keys and loader.stats["bytes_read"] == ref.stats["bytes_read"]
+
+    for f in idx_files:  # shards written before indexes existed
+        os.remove(os.path.join(d, f))
+    fresh()
+    assert len(scans) == 4 and caplog.text.count("indexing 4 of 4 shards") == 1
+    for url, nread in scans:  # header-only: one 512-byte header (+1 byte) per member, no member data
+        with tarfile.open(url) as tf:
+            assert nread <= 513 * len(tf.getmembers()) + 1024 < os.path.getsize(url) / 2
+    assert sorted(f for f in os.listdir(d) if f.endswith(".idx.json")) == idx_files  # cached beside
+    fresh()
+    assert len(scans) == 4  # the cache is used
+
+    # a read-only shard folder: the cache dir, keyed by shard path + size + mtime
+    for f in idx_files:
+        os.remove(os.path.join(d, f))
+    monkeypatch.setattr(index_mod, "_dir_writable", lambda _: False)
+    cache = tmp_path / "cache"
+    fresh(index_cache=str(cache))
+    assert len(scans) == 8 and len(os.listdir(cache)) == 4
+    fresh(index_cache=str(cache))
+    assert len(scans) == 8
+    os.utime(os.path.join(d, "train-00000.tar"))  # a touched shard is re-indexed
+    fresh(index_cache=str(cache))
+    assert len(scans) == 9
+
+
+def test_tar_cut_inside_a_member_keeps_complete_samples(tmp_path):
+    d = _dataset(tmp_path, 12, 2, size=(24, 24))  # shard 1: s0006 .. s0011
+    shard = os.path.join(d, "train-00001.tar")
+    with tarfile.open(shard) as tf:
+        ti = tf.getmember("s0009.0.png")
+    data = open(shard, "rb").read()
+    with open(shard, "wb") as f:
+        f.write(data[: ti.offset_data + ti.size // 2])  # inside s0009's image
+    loader = LivrLoader(d, batch_size=4, shuffle=False, on_error="skip")
+    got = [s for b in loader for s in b]
+    assert [s.key for s in got if not s.is_pad] == [f"s{i:04d}" for i in range(9)]  # s0008 included
+    assert loader.stats["bad"] == 3 and loader.stats["bad_keys"] == ["s0009", "#4", "#5"]
+    with pytest.raises(DataError, match="corrupt or truncated tar") as e:
+        for b in LivrLoader(d, batch_size=1, shuffle=False):
+            last = b[0].key
+    assert f"{shard}:s0009:" in str(e.value) and last == "s0008"
+
+    # an index that does not match its shard is an error naming shard and key, not garbage
+    idx_path = os.path.join(d, "train-00000.tar.idx.json")
+    with open(idx_path) as f:
+        j = json.load(f)
+    j["samples"][1][1] += 512  # s0001's run now starts at its second member
+    with open(idx_path, "w") as f:
+        json.dump(j, f)
+    index_mod._MEMO.clear()
+    loader = LivrLoader(d, batch_size=4, shuffle=False, on_error="skip")
+    _run(loader)
+    assert "s0001" in loader.stats["bad_keys"]
+    with pytest.raises(DataError, match="stale index") as e:
+        _run(LivrLoader(d, batch_size=4, shuffle=False))
+    assert f"{d}/train-00000.tar:s0001:" in str(e.value)
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -350,7 +479,7 @@ def _bad_set(tmp_path, kind: str) -> tuple[str, str]:
         (d / "train-00001.tar").write_bytes(np.random.default_rng(0).bytes(5000))
     elif kind == "truncated_tar":
         data = (d / "train-00001.tar").read_bytes()
-        (d / "train-00001.tar").write_bytes(data[: 512 * 3 + 100])  # inside sample b0's image
+        (d / "train-00001.tar").write_bytes(data[: 512 * 3 + 100])  # just after sample b0 (json padding)
     _manifest_for(str(d), [("train-00000.tar", 6), ("train-00001.tar", 4)])
     return str(d), str(d / "train-00001.tar")
 
@@ -360,7 +489,7 @@ def _bad_set(tmp_path, kind: str) -> tuple[str, str]:
     ("missing_field", "b1", "missing field 'question'"),
     ("answer_not_in_choices", "b1", "not among the 2 choices"),
     ("garbage_tar", "", "corrupt or truncated tar|shard ended"),
-    ("truncated_tar", "b0", "corrupt or truncated tar"),
+    ("truncated_tar", "#1", "shard ended after 1 samples"),  # b0 is complete and delivered
 ])
 def test_bad_input_raise_names_shard_and_key_skip_counts(tmp_path, kind, key, msg):
     d, shard = _bad_set(tmp_path, kind)
@@ -368,7 +497,7 @@ def test_bad_input_raise_names_shard_and_key_skip_counts(tmp_path, kind, key, ms
         _run(LivrLoader(d, batch_size=3, shuffle=False))
     assert f"{shard}:{key}" in str(e.value)
 
-    n_bad = {"garbage_tar": 4, "truncated_tar": 4}.get(kind, 1)
+    n_bad = {"garbage_tar": 4, "truncated_tar": 3}.get(kind, 1)
     lens, got = [], []
     for rank in range(2):
         loader = LivrLoader(d, rank=rank, world_size=2, batch_size=1, on_error="skip", seed=1)
@@ -522,3 +651,136 @@ print("done")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
+
+
+# ---- BLINK as it ships, image roots ---------------------------------------------------------
+def test_task_names_agree_everywhere():
+    from livr_ds import table
+    from livr_ds.builders.cli import TASKS as BUILD_TASKS
+    from livr_ds.builders.dedup import BLINK_SUBSETS
+    from livr_ds.data.tasks import BLINK_SUBTASKS, PAPER_TASKS, blink_subtask, canonical_task
+
+    assert table.PAPER_ORDER == PAPER_TASKS and set(BUILD_TASKS) == set(PAPER_TASKS)
+    assert all(BLINK_SUBTASKS[blink_subtask(t)] == t and BLINK_SUBSETS[t] == blink_subtask(t) for t in PAPER_TASKS)
+    for name in ("Object_Localization", "Object Localization", "object_localization", "localization"):
+        assert canonical_task(name) == "localization"
+    assert canonical_task("Multi-view_Reasoning") == "multi_view_reasoning" and canonical_task("My Task") == "my_task"
+
+
+def _hub(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from builder_fixtures import BLINK_HUB_COMMIT, blink_hub_image, make_blink_hub
+
+    return make_blink_hub(str(tmp_path / "BLINK")), BLINK_HUB_COMMIT, blink_hub_image
+
+
+def test_blink_hub_folder_val_written_as_test_with_revision(tmp_path, capsys):
+    import hashlib
+
+    hub, commit, _ = _hub(tmp_path)
+    _cli(["shards", "write", "--parquet", hub, "--parquet-split", "val", "--split", "test", "--out",
+          str(tmp_path / "o"), "--no-progress"])
+    m = read_manifest(str(tmp_path / "o"))
+    assert list(m["splits"]) == ["test"]
+    assert m["splits"]["test"]["tasks"] == {"counting": 2, "jigsaw": 2, "localization": 2}
+    assert m["revision"] == commit and m["source"]["revision_from"].startswith("git checkout")
+    files = {f["name"]: f["sha256"] for f in m["source"]["files"]}
+    assert set(files) == {f"{s}/val-00000-of-00001.parquet" for s in ("Counting", "Jigsaw", "Object_Localization")}
+    for name, sha in files.items():
+        assert hashlib.sha256((tmp_path / "BLINK" / name).read_bytes()).hexdigest() == sha
+    got = {s.key: s for b in LivrLoader(ShardSource(str(tmp_path / "o"), split="test"), batch_size=6) for s in b}
+    loc = got["val_Object_Localization_1"]
+    assert (loc.task, loc.answer, loc.meta["sub_task"]) == ("localization", "A", "Object_Localization")
+    assert len(got["val_Jigsaw_2"].images) == 3
+    # a quoted glob picks the same files; --revision overrides what the hub copy says
+    _cli(["shards", "write", "--parquet", str(tmp_path / "BLINK" / "*" / "val-*.parquet"), "--revision", "v1.1",
+          "--out", str(tmp_path / "g"), "--no-progress"])
+    g = read_manifest(str(tmp_path / "g"))
+    assert g["revision"] == "v1.1" and g["source"]["revision_found"] == commit
+    assert sorted(f["sha256"] for f in g["source"]["files"]) == sorted(files.values())
+    assert g["splits"]["train"]["tasks"] == m["splits"]["test"]["tasks"]
+    capsys.readouterr()
+    # BLINK's test split has its answers hidden: refused with the reason, not as a bad answer
+    with pytest.raises(SystemExit):
+        _cli(["shards", "write", "--parquet", hub, "--parquet-split", "test", "--out", str(tmp_path / "t")])
+    assert "answer is 'hidden'" in capsys.readouterr().err
+    with pytest.raises(DataError, match="no <Sub_Task>/val-"):
+        convert_parquet(str(tmp_path), str(tmp_path / "x"), progress=False)
+
+
+def test_dedup_against_blink_hub_folder_and_glob(tmp_path):
+    hub, _, hub_image = _hub(tmp_path)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    hub_image("Object_Localization", "val", 1, 0).save(root / "a.png", compress_level=0)  # a BLINK val image
+    hub_image("Jigsaw", "test", 0, 2).save(root / "b.png")  # a BLINK test image
+    _img(5, size=(32, 24)).save(root / "c.png")
+    rec = {"task": "t", "question": "q", "choices": ["a", "b"], "answer": "A"}
+    (root / "train.jsonl").write_text("".join(json.dumps({**rec, "key": k, "images": [f"{k}.png"]}) + "\n"
+                                              for k in "abc"))
+    m = convert_jsonl(str(root / "train.jsonl"), None, str(tmp_path / "o"), dedup_against=hub, progress=False)
+    assert m["dedup"]["removed_keys"]["train"] == ["a", "b"] and m["splits"]["train"]["total"] == 1
+    assert m["dedup"]["test_images"] == 2 * (1 + 3 + 1) + 1 * (1 + 3 + 1)  # val and test of all subtasks
+    _cli(["shards", "write", "--jsonl", str(root / "train.jsonl"), "--out", str(tmp_path / "g"), "--no-progress",
+          "--dedup-against", str(tmp_path / "BLINK" / "*" / "val-*.parquet")])
+    assert read_manifest(str(tmp_path / "g"))["dedup"]["removed_keys"]["train"] == ["a"]
+    with pytest.raises(DataError, match="neither a shard folder"):
+        convert_jsonl(str(root / "train.jsonl"), None, str(tmp_path / "x"), dedup_against=str(root), progress=False)
+
+
+def test_jsonl_images_only_inside_the_image_root(tmp_path):
+    root, outside = tmp_path / "data" / "imgs", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    _img(0).save(root / "sub" / "ok.png")
+    _img(1).save(outside / "secret.png")
+    os.symlink(outside / "secret.png", root / "link.png")  # inside by name, outside once resolved
+    rec = {"task": "t", "question": "q", "choices": ["a", "b"], "answer": "A"}
+    good = json.dumps({**rec, "images": ["sub/ok.png", str(root / "sub" / "ok.png")]})
+    for bad in ["../../outside/secret.png", str(outside / "secret.png"), "link.png", "/etc/passwd"]:
+        jl = tmp_path / "data" / "m.jsonl"
+        jl.write_text(good + "\n\n" + json.dumps({**rec, "images": ["sub/ok.png", bad]}) + "\n")
+        with pytest.raises(DataError, match="outside the image root") as e:
+            convert_jsonl(str(jl), str(root), str(tmp_path / "o"), progress=False)
+        assert f"{jl}:3" in str(e.value) and "refused" in str(e.value)
+    # without --image-root the JSONL's own folder is the root: ../ out of it is refused too
+    (tmp_path / "data" / "n.jsonl").write_text(json.dumps({**rec, "images": ["../outside/secret.png"]}) + "\n")
+    with pytest.raises(SystemExit):
+        _cli(["shards", "write", "--jsonl", str(tmp_path / "data" / "n.jsonl"), "--out", str(tmp_path / "o")])
+    (tmp_path / "data" / "n.jsonl").write_text(json.dumps({**rec, "images": ["imgs/sub/ok.png"]}) + "\n")
+    _cli(["shards", "write", "--jsonl", str(tmp_path / "data" / "n.jsonl"), "--out", str(tmp_path / "n"),
+          "--no-progress"])
+    assert read_manifest(str(tmp_path / "n"))["splits"]["train"]["total"] == 1
+    jl.write_text(good + "\n")  # relative and absolute paths inside the root still work
+    assert convert_jsonl(str(jl), str(root), str(tmp_path / "o"), progress=False)["splits"]["train"]["total"] == 1
+
+
+def test_blink_revision_from_hub_cache_and_local_dir(tmp_path):
+    from livr_ds.data.blink import parquet_provenance, resolve_parquet
+
+    hub, _, _ = _hub(tmp_path)
+    commit = "f" * 40
+    cache = tmp_path / "datasets--BLINK-Benchmark--BLINK"  # hub cache: snapshot files link into blobs/
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text(commit)
+    snap = cache / "snapshots" / commit / "Counting"
+    snap.mkdir(parents=True)
+    (cache / "blobs").mkdir()
+    os.rename(os.path.join(hub, "Counting", "val-00000-of-00001.parquet"), cache / "blobs" / "b1")
+    os.symlink(cache / "blobs" / "b1", snap / "val-00000-of-00001.parquet")
+    files, folders = resolve_parquet([str(cache)])
+    p = parquet_provenance(files, folders, split="val")
+    assert p["revision"] == commit
+    assert [f["name"] for f in p["source"]["files"]] == ["Counting/val-00000-of-00001.parquet"]
+    # huggingface-cli download --local-dir: .cache/huggingface/download/<file>.metadata, first line = commit
+    local = tmp_path / "local"
+    os.makedirs(local / "Jigsaw")
+    name = "val-00000-of-00001.parquet"
+    os.rename(os.path.join(hub, "Jigsaw", name), local / "Jigsaw" / name)
+    meta = local / ".cache" / "huggingface" / "download" / "Jigsaw"
+    meta.mkdir(parents=True)
+    (meta / "val-00000-of-00001.parquet.metadata").write_text(f"{'e' * 40}\netag\n1700000000.0\n")
+    files, folders = resolve_parquet([str(local)])
+    assert parquet_provenance(files, folders, split="val")["revision"] == "e" * 40

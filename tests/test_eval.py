@@ -118,27 +118,31 @@ def read_jsonl(path):
 
 # ---- modes ---------------------------------------------------------------------------------
 def test_modes_change_exactly_the_input_and_mask(lora_export, demo):
-    """Record what evaluate() hands the model: per mode, the latents in the input and the policy."""
+    """Record what evaluate() hands the model: per mode, the latents in the input and the mask of
+    the prefill (the prompt batch, run once; generation then decodes against the KV cache)."""
     backbone = evaluate.load_model(lora_export)
     assert len(backbone.latent_ids) == K
-    seen = []
-    original = backbone.model.logits
+    model = backbone.model
+    batches, masks = [], []
+    original = model.position_ids
 
-    def recording(batch, policy):
-        seen.append((batch, policy))
-        return original(batch, policy)
+    def recording(batch):
+        batches.append(batch)
+        return original(batch)
 
-    backbone.model.logits = recording
+    model.position_ids = recording
+    hook = model.hf_model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
     feeds = {}
     for mode in evaluate.MODES:
-        seen.clear()
+        batches.clear()
+        masks.clear()
         evaluate.evaluate(backbone, [demo], mode, batch_size=4, max_new_tokens=2, max_samples=3)
-        batch, policy = seen[0]  # the first generation step: prompt (+ latents) only
+        batch, policy = batches[0], evaluate.MODES[mode].policy  # the first prefill: prompt (+ latents) only
         feeds[mode] = batch
-        assert {p for _, p in seen} == {evaluate.MODES[mode].policy}
-        # The mask the model builds from this batch is exactly the policy's rule.
-        mask = backbone.model.attention_mask(batch, policy)
-        assert torch.equal(mask, segments.dense_mask(batch["segment_ids"], batch["doc_ids"], policy))
+        # The mask the model was given is exactly the policy's rule on this batch.
+        assert torch.equal(masks[0], segments.dense_mask(batch["segment_ids"], batch["doc_ids"], policy))
+        assert torch.equal(model.attention_mask(batch, policy), masks[0])
     assert evaluate.MODES["bottleneck"].policy == "bottleneck" == evaluate.MODES["bottleneck_no_latents"].policy
     assert evaluate.MODES["standard"].policy == "standard" == evaluate.MODES["no_latents"].policy
 
@@ -161,11 +165,201 @@ def test_modes_change_exactly_the_input_and_mask(lora_export, demo):
     img, lat, prm = seg == segments.IMAGE, seg == segments.LATENT, seg == segments.PROMPT
     assert not mask[prm][:, img].any()
     assert mask[lat][:, img].any()
-    backbone.model.logits = original
+    hook.remove()
+    model.position_ids = original
+
+
+# ---- KV-cached generation == the recompute reference -----------------------------------------
+def _backbone(tiny_dir, family, backend="sdpa"):
+    from livr_ds.config import load_config
+    from livr_ds.modeling import build_backbone
+
+    cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
+                      [f"model.family={family}", f"model.path={tiny_dir}", f"latents.num={K}", "stage=2",
+                       f"model.attn_backend={backend}"])
+    backbone = build_backbone(cfg, policy="standard")
+    backbone.model.eval()
+    return backbone
+
+
+def _mixed_samples(demo, n):
+    """n samples, alternating between the two tasks: prompts of different lengths."""
+    every = [s for _, ss in evaluate.iter_samples([demo], "test", 0, 1, 10) for s in ss]
+    by_task = [[s for s in every if s.task == t] for t in sorted({s.task for s in every})]
+    return [by_task[i % 2][i // 2] for i in range(n)]
+
+
+@pytest.mark.parametrize("family,backend", [("qwen2_5_vl", "sdpa"), ("qwen2_5_vl", "eager"), ("qwen3_vl", "sdpa"),
+                                            ("llava_onevision", "sdpa"), ("qwen2_5_vl", "flex")])
+def test_cached_generation_equals_recompute(tiny_dirs, demo, family, backend):
+    """Prefill once + one cached step per token gives exactly the reference loop's token ids
+    (the whole padded sequence recomputed per token), in every eval mode, on a right-padded batch
+    whose rows end at different steps; and it runs the vision tower once per call."""
+    from livr_ds import generate
+
+    backbone = _backbone(tiny_dirs[family], family, backend)
+    model = backbone.model
+    samples = _mixed_samples(demo, 4)
+    calls = []
+    tower = backbone.adapter.vision_modules(model.hf_model)[0]
+    hook = tower.register_forward_hook(lambda *a: calls.append(1))
+    for name, mode in evaluate.MODES.items():
+        collator = evaluate.make_collator(backbone, mode, with_answer=False)
+        lengths = [len(collator.encode(s).input_ids) for s in samples]
+        assert len(set(lengths)) > 1  # right padding is exercised
+        logits = []
+        head = model.hf_model.lm_head.register_forward_hook(lambda mod, args, out: logits.append(out.float().clone()))
+        reference = generate.greedy_ids(model, collator, samples, mode.policy, 5, use_cache=False)
+        full, logits = logits, []
+        cached = generate.greedy_ids(model, collator, samples, mode.policy, 5)
+        head.remove()
+        assert cached == reference and all(len(r) == 5 for r in reference), name
+        # The LM head saw one position per row per step; those logits are the reference's, at each
+        # row's own last position (tokens alone could agree despite wrong positions or masks).
+        assert [tuple(x.shape) for x in logits] == [(len(samples), full[0].shape[-1])] * 5
+        rows = torch.arange(len(samples))
+        for t in range(5):
+            at = full[t][rows, torch.tensor(lengths) - 1 + t]
+            assert torch.allclose(logits[t], at, atol=1e-4, rtol=1e-4), (name, t, (logits[t] - at).abs().max())
+        # A random model never says <eos>: call one of its tokens <eos>, so rows finish at different
+        # steps (finished rows leave the cache while the others go on).
+        for tok in sorted({t for row in reference for t in row[1:]}):
+            collator.eos_id = tok
+            reference = generate.greedy_ids(model, collator, samples, mode.policy, 5, use_cache=False)
+            if len({len(r) for r in reference}) > 1 and max(map(len, reference)) > 1:
+                break
+        assert len({len(r) for r in reference}) > 1, name
+        calls.clear()
+        cached = generate.greedy_ids(model, collator, samples, mode.policy, 5)
+        assert len(calls) == 1, name  # the vision tower ran in the prefill only
+        assert cached == reference, name
+    calls.clear()
+    generate.greedy_ids(model, collator, samples, "standard", 3, use_cache=False)
+    assert len(calls) == 3  # the reference reruns it for every token
+    # flex (training's GPU kernel; the reference above ran on it): generation borrowed sdpa and gave it back
+    assert backbone.adapter.text_config(model.hf_model)._attn_implementation == (
+        "flex_attention" if backend == "flex" else backend)
+    hook.remove()
+
+
+def test_cached_decode_masks_follow_the_segment_rule(tiny_dirs, demo):
+    """Each decode step's mask row is the segment rule for an ANSWER token after the cache: no
+    padding, and under the bottleneck no image token; positions continue each row's own."""
+    from livr_ds import generate
+
+    backbone = _backbone(tiny_dirs["qwen2_5_vl"], "qwen2_5_vl")
+    model = backbone.model
+    samples = _mixed_samples(demo, 3)
+    seen = []
+    hook = model.hf_model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((kwargs["input_ids"].shape[1], kwargs["attention_mask"],
+                                               kwargs["position_ids"])), with_kwargs=True)
+    for policy in ("standard", "bottleneck"):
+        seen.clear()
+        collator = evaluate.make_collator(backbone, evaluate.MODES[policy], with_answer=False)
+        generate.greedy_ids(model, collator, samples, policy, 3)
+        batch = collator.pad([collator.encode(s) for s in samples])
+        seg = batch["segment_ids"]
+        full = segments.dense_mask(seg, batch["doc_ids"], policy)
+        assert torch.equal(segments.dense_mask(seg, batch["doc_ids"], policy, q_start=5), full[:, :, 5:])
+        (L, prefill_mask, prefill_pos), *steps = seen
+        assert L == seg.shape[1] and len(steps) == 2
+        last = torch.tensor([len(collator.encode(s).input_ids) - 1 for s in samples])
+        for t, (q, mask, pos) in enumerate(steps):
+            assert q == 1 and mask.shape == (3, 1, 1, L + t + 1) and mask.dtype == torch.bool
+            row = mask[:, 0, 0]
+            assert not row[:, :L][seg == segments.PAD].any()
+            assert row[:, L:].all()  # earlier answer tokens and itself
+            assert row[:, :L][seg == segments.IMAGE].any().item() == (policy == "standard")
+            assert row[:, :L][(seg == segments.PROMPT) | (seg == segments.LATENT)].all()
+            assert torch.equal(pos[:, :, 0], prefill_pos[:, torch.arange(3), last] + 1 + t)
+    hook.remove()
+
+
+# ---- one loop for eval and validation; defaults ----------------------------------------------
+def test_evaluate_takes_an_engine_and_shard_sources(lora_export, demo):
+    """Validation's call: the model inside a (DeepSpeed-like) engine, sources as ShardSource or
+    config DataSource objects; the records equal the CLI's, the model's train mode comes back, and
+    gather_accuracy (one process: no collective) is accuracy_by_task over them."""
+    import dataclasses
+
+    from livr_ds import generate
+    from livr_ds.config import DataSource
+    from livr_ds.data.sources import ShardSource
+
+    class Engine(torch.nn.Module):  # what DeepSpeed hands back: the model is engine.module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    backbone = evaluate.load_model(lora_export)
+    kw = dict(batch_size=3, max_new_tokens=2, max_samples=5)
+    expected, _ = evaluate.evaluate(backbone, [demo], "bottleneck", **kw)
+    engine = Engine(backbone.model)
+    engine.train()
+    wrapped = dataclasses.replace(backbone, model=engine)
+    got, _ = evaluate.evaluate(wrapped, [ShardSource(demo, split="test")], "bottleneck", **kw)
+    assert got == expected and len(got) == 5
+    assert backbone.model.training  # evaluate() put it in eval mode and gave it back as it was
+    got, _ = evaluate.evaluate(wrapped, [DataSource(path=demo, weight=1.0)], "bottleneck", split="test", **kw)
+    assert got == expected
+    assert evaluate.gather_accuracy(got) == generate.accuracy_by_task(expected)
+
+
+def test_max_tokens_defaults_to_the_exports(lora_export, demo, tmp_path):
+    """--max-tokens unset: the limit training saved in livr.json (demo.yaml: 512), enforced; an
+    explicit flag wins; zero-shot falls back to 8192 (test_zero_shot_results_file_and_provenance)."""
+    import shutil
+
+    from livr_ds.data.collate import SampleTooLong
+
+    assert eval_args(["--ckpt", "c", "--data", "d", "--out", "o.json"]).max_tokens is None
+    with open(os.path.join(lora_export, "livr.json")) as f:
+        assert json.load(f)["max_tokens"] == 512
+    common = ["--data", demo, "--mode", "standard", "--max-samples", "2", "--max-new-tokens", "1"]
+    res = evaluate.run(eval_args(["--ckpt", lora_export, *common, "--out", str(tmp_path / "a.json")]))
+    assert res["provenance"]["max_tokens"] == 512
+    small = str(tmp_path / "small")
+    shutil.copytree(lora_export, small)
+    with open(os.path.join(small, "livr.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(small, "livr.json"), "w") as f:
+        json.dump({**meta, "max_tokens": 40}, f)  # below every demo prompt
+    with pytest.raises(SampleTooLong, match="max_tokens=40"):
+        evaluate.run(eval_args(["--ckpt", small, *common, "--out", str(tmp_path / "b.json")]))
+    res = evaluate.run(eval_args(["--ckpt", small, *common, "--max-tokens", "600", "--out", str(tmp_path / "c.json")]))
+    assert res["provenance"]["max_tokens"] == 600
+
+
+def test_device_and_dtype_defaults(monkeypatch):
+    """auto: the accelerator (cuda:LOCAL_RANK) in bfloat16 when there is one, else CPU float32."""
+    args = eval_args(["--ckpt", "c", "--data", "d", "--out", "o.json"])
+    assert (args.device, args.dtype) == ("auto", "auto")
+    if not torch.cuda.is_available():
+        assert evaluate.resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA"):
+            evaluate.resolve_device("cuda")
+    assert evaluate.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert evaluate.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert evaluate.resolve_device("auto") == torch.device("cuda", 1)
+    assert evaluate.resolve_device("cpu") == torch.device("cpu")
+    assert evaluate.resolve_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
+    assert evaluate.resolve_dtype("float32", torch.device("cuda", 1)) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert evaluate.resolve_dtype("auto", torch.device("cuda", 1)) == torch.float32
 
 
 # ---- results files, zero-shot ---------------------------------------------------------------
-def test_zero_shot_results_file_and_provenance(tiny_dirs, demo, tmp_path):
+def test_zero_shot_results_file_and_provenance(tiny_dirs, demo, tmp_path, monkeypatch):
+    from livr_ds.train import distributed as dist
+
+    def no_process_group(*a, **k):
+        raise AssertionError("one process must not initialise torch.distributed")
+
+    monkeypatch.setattr(dist, "init", no_process_group)
     out = str(tmp_path / "zs.json")
     res = evaluate.run(eval_args(["--base-model", tiny_dirs["qwen2_5_vl"], "--family", "qwen2_5_vl", "--data", demo,
                                   "--mode", "standard", "--out", out, "--batch-size", "4", "--max-new-tokens", "3"]))
@@ -177,6 +371,9 @@ def test_zero_shot_results_file_and_provenance(tiny_dirs, demo, tmp_path):
     assert saved["mean"] == pytest.approx(sum(v["accuracy"] for v in saved["per_task"].values()) / 2)
     prov = saved["provenance"]
     assert prov["zero_shot"] is True and prov["ckpt"] is None and prov["num_latents"] == 0
+    assert prov["max_tokens"] == evaluate.DEFAULT_MAX_TOKENS == 8192
+    if not torch.cuda.is_available():
+        assert (prov["device"], prov["dtype"]) == ("cpu", "float32")
     with open(os.path.join(demo, "manifest.json"), "rb") as f:
         assert prov["data"][0]["manifest_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert prov["pixels"]["min_pixels"] == 28 * 28 * 4 and prov["pixels"]["max_pixels"] == 112 * 112
@@ -398,3 +595,38 @@ def test_cli_registers_eval_table_experiment():
     assert a.experiment == "bottleneck-proof" and a.stage1_steps == 5 and callable(a.func)
     a = parser.parse_args(["eval", "--ckpt", "c", "--data", "d", "--out", "o.json", "--mode", "no_latents"])
     assert a.mode == "no_latents"
+
+
+def test_eval_on_blink_hub_shards_prints_table1_and_records_revision(tiny_dirs, tmp_path, capsys):
+    """BLINK as it ships -> shards (val scored as the test split) -> `livr-ds eval` zero-shot: the
+    Table 1 columns of the tasks present, and the hub's revision and file checksums in provenance."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from builder_fixtures import BLINK_HUB_COMMIT, make_blink_hub
+
+    from livr_ds.data.writer import convert_parquet
+
+    hub = make_blink_hub(str(tmp_path / "BLINK"), n_val=2, n_test=1)
+    data = str(tmp_path / "blink_shards")
+    convert_parquet(hub, data, parquet_split="val", split="test", progress=False)
+    out = str(tmp_path / "blink.json")
+    capsys.readouterr()
+    assert cli(["eval", "--base-model", tiny_dirs["qwen2_5_vl"], "--family", "qwen2_5_vl", "--data", data,
+                "--out", out, "--batch-size", "6", "--max-new-tokens", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert rows[0] == "| Method | Counting | Jigsaw | Localization | Mean |" and rows[2].startswith("| blink | ")
+    with open(out) as f:
+        saved = json.load(f)
+    assert set(saved["per_task"]) == {"counting", "jigsaw", "localization"} and saved["n"] == 6
+    prov = saved["provenance"]["data"][0]
+    assert prov["revision"] == BLINK_HUB_COMMIT and prov["source"]["hub_split"] == "val"
+    with open(os.path.join(hub, "Object_Localization", "val-00000-of-00001.parquet"), "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    assert {"name": "Object_Localization/val-00000-of-00001.parquet", "sha256": sha} in [
+        {k: x[k] for k in ("name", "sha256")} for x in prov["source"]["files"]]
+
+
+def test_table_puts_blink_subtask_names_in_the_paper_columns(tmp_path, capsys):
+    old = _result(tmp_path / "old.json", "old", "standard", {"object_localization": 40.0, "Counting": 50.0,
+                                                             "iq_test": 30.0})
+    assert cli(["table", old]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[0] == "| Method | Counting | Localization | Iq Test | Mean |"

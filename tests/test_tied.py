@@ -207,3 +207,42 @@ def test_merged_export_is_a_plain_transformers_checkpoint(trained, tmp_path):
                         mm_token_type_ids=(batch["input_ids"] == m.image_token_id).int(), **vision).logits
     assert real.sum() < real.numel()  # padded rows: only real tokens compare
     torch.testing.assert_close(theirs[real], ours[real], rtol=1e-4, atol=1e-5)  # LoRA folded: not bitwise
+
+
+def test_merged_latent_rows_give_the_same_logits_and_leave_the_table_exact(trained):
+    """Generation writes the trained latent rows into the table for the loop (PEFT otherwise copies
+    the whole table on every embedding and tied-head call) and restores it bit for bit after."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    from livr_ds.modeling import merged_latent_rows
+
+    hf = trained.bb.model.hf_model
+    table = embed_layer(hf).weight.detach().clone()
+    copies = []
+    originals = TrainableTokensLayer.get_merged_weights
+    TrainableTokensLayer.get_merged_weights = lambda self, a: copies.append(1) or originals(self, a)
+    try:
+        with torch.no_grad(), merged_latent_rows(hf):
+            merged_logits = trained.bb.model.logits(trained.batch, "bottleneck")
+            assert not copies  # no per-call table copy while merged
+            # the merged table carries the trained latent rows (the effective table of before)
+            rows = sorted(set(trained.bb.latent_ids))
+            delta = hf.get_input_embeddings().token_adapter.trainable_tokens_delta["default"]
+            assert torch.equal(embed_layer(hf).weight[rows], delta.to(table.dtype))
+        with torch.no_grad():
+            trained.bb.model.logits(trained.batch, "bottleneck")
+        assert copies  # unmerged again: PEFT's own path
+    finally:
+        TrainableTokensLayer.get_merged_weights = originals
+    assert torch.equal(merged_logits, trained.logits)
+    assert torch.equal(embed_layer(hf).weight, table)
+    assert_head_layout(hf, trained.tied)
+
+
+def test_generation_never_picks_rows_beyond_the_tokenizer():
+    from livr_ds.generate import banned_ids
+
+    collator = SimpleNamespace(processor=SimpleNamespace(tokenizer=type("T", (), {
+        "all_special_ids": [5, 7], "__len__": lambda self: 10})()), latent_ids=[8, 9], eos_id=7)
+    assert banned_ids(collator) == [5, 8, 9]
+    assert banned_ids(collator, vocab_rows=13) == [5, 8, 9, 10, 11, 12]

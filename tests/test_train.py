@@ -1,5 +1,7 @@
-"""The training job through its real entry point: DeepSpeed ZeRO-2 on gloo, 2 ranks, tiny
-Qwen2.5-VL, demo shards. Each test launches `torchrun ... launch/train.py` like a user would."""
+"""The training job through its real entry point: DeepSpeed ZeRO-2 on gloo at 1, 2 and 4 ranks,
+demo shards, tiny Qwen2.5-VL and Qwen3-VL models (the paper-recipe and world-size runs use the
+tied-embedding tiny models, with spare embedding rows and the default system prompt, as the
+released 3B/4B checkpoints have). Each test launches `torchrun ... launch/train.py` like a user."""
 
 import json
 import os
@@ -116,12 +118,13 @@ def tags(stage_dir):
 # ---- the paper recipe at 4 ranks: short steps, epoch-end checkpoints, bit-exact kill + resume ----
 
 @pytest.fixture(scope="module")
-def ref4(tmp_path_factory, demo_data, tiny_dirs):
-    out, r = train(tmp_path_factory.mktemp("ref4"), "run", demo_data, tiny_dirs["qwen2_5_vl"], nproc=4, sets=RECIPE)
+def ref4(tmp_path_factory, demo_data, tiny_tied_dirs):
+    out, r = train(tmp_path_factory.mktemp("ref4"), "run", demo_data, tiny_tied_dirs["qwen2_5_vl"], nproc=4,
+                   sets=RECIPE)
     return out, r
 
 
-def test_paper_recipe_at_four_ranks_applies_short_steps_and_saves_every_epoch(ref4, tmp_path, demo_data, tiny_dirs):
+def test_paper_recipe_at_four_ranks_applies_short_steps_and_saves_every_epoch(ref4):
     out, r = ref4
     stage = out / "stage1"
     log = r.stdout + r.stderr
@@ -148,20 +151,29 @@ def test_paper_recipe_at_four_ranks_applies_short_steps_and_saves_every_epoch(re
     for short in (2, 4, 6):
         before, after = ckpt_tensors(stage, short - 1), ckpt_tensors(stage, short)
         assert any(not torch.equal(before[k], after[k]) for k in after)
-    # The export is the final step's weights.
+    # A resume checkpoint holds what trains and nothing else (no frozen table, no pickle).
+    step_dir = stage / "checkpoints" / f"step-{STEPS:08d}"
+    assert sorted(os.listdir(step_dir)) == ["files.json", "optimizer.safetensors", "rng_rank0.json", "rng_rank1.json",
+                                            "rng_rank2.json", "rng_rank3.json", "trainable.safetensors",
+                                            "trainer_state.json"]
     final = ckpt_tensors(stage, STEPS)
+    assert final and all("lora_" in k or "trainable_tokens" in k for k in final)
+    moments = load_file(str(step_dir / "optimizer.safetensors"))
+    assert sorted(moments) == sorted(f"{k}/{m}" for k in final for m in ("exp_avg", "exp_avg_sq"))
+    # The export is the final step's weights.
     lora = {k: v for k, v in final.items() if "lora_B" in k}
     assert lora and all(any(torch.equal(v, a) for a in adapter(stage).values()) for v in lora.values())
 
 
-def test_sigkill_mid_epoch_then_resume_auto_is_bit_exact_at_four_ranks(ref4, tmp_path, demo_data, tiny_dirs):
+def test_sigkill_mid_epoch_then_resume_auto_is_bit_exact_at_four_ranks(ref4, tmp_path, demo_data, tiny_tied_dirs):
     ref, _ = ref4
-    out, r = train(tmp_path, "killed", demo_data, tiny_dirs["qwen2_5_vl"], nproc=4, sets=RECIPE,
+    model = tiny_tied_dirs["qwen2_5_vl"]
+    out, r = train(tmp_path, "killed", demo_data, model, nproc=4, sets=RECIPE,
                    env={"LIVR_DS_FAULT": "after_step:4"}, check=False)
     assert r.returncode != 0
     stage = out / "stage1"
     assert not (stage / "DONE").exists() and tags(stage)[-1] == "step-00000003"  # mid-epoch 2
-    _, r = train(tmp_path, "killed", demo_data, tiny_dirs["qwen2_5_vl"], nproc=4, sets=RECIPE, extra=["--resume", "auto"])
+    _, r = train(tmp_path, "killed", demo_data, model, nproc=4, sets=RECIPE, extra=["--resume", "auto"])
     assert f"resumed from {stage / 'checkpoints' / 'step-00000003'}" in r.stderr + r.stdout
     assert curve(stage) == curve(ref / "stage1")  # loss, lr, grad norm: bit for bit
     assert_each_step_once(stage)
@@ -172,16 +184,17 @@ def test_sigkill_mid_epoch_then_resume_auto_is_bit_exact_at_four_ranks(ref4, tmp
 # ---- world-size changes: 2 -> 1 -> 2 ranks, the same recipe ------------------------------------
 
 NO_DROPOUT = RECIPE + ["lora.dropout=0.0"]  # so runs at different world sizes are comparable
+QWEN3 = NO_DROPOUT + ["model.family=qwen3_vl"]
 
 
 @pytest.fixture(scope="module")
-def ref2(tmp_path_factory, demo_data, tiny_dirs):
-    out, _ = train(tmp_path_factory.mktemp("ref2"), "run", demo_data, tiny_dirs["qwen2_5_vl"], nproc=2, sets=NO_DROPOUT)
+def ref2(tmp_path_factory, demo_data, tiny_tied_dirs):
+    out, _ = train(tmp_path_factory.mktemp("ref2"), "run", demo_data, tiny_tied_dirs["qwen3_vl"], nproc=2, sets=QWEN3)
     return out / "stage1"
 
 
-def test_one_rank_with_accumulation_equals_two_ranks(ref2, tmp_path, demo_data, tiny_dirs):
-    one, _ = train(tmp_path, "w1", demo_data, tiny_dirs["qwen2_5_vl"], nproc=1, sets=NO_DROPOUT)
+def test_one_rank_with_accumulation_equals_two_ranks(ref2, tmp_path, demo_data, tiny_tied_dirs):
+    one, _ = train(tmp_path, "w1", demo_data, tiny_tied_dirs["qwen3_vl"], nproc=1, sets=QWEN3)
     # Same samples in each step, the loss a mean over the step's answer tokens: only the order
     # of floating-point sums differs.
     assert_close_curves(curve(one / "stage1"), curve(ref2), rel=1e-5)
@@ -190,17 +203,17 @@ def test_one_rank_with_accumulation_equals_two_ranks(ref2, tmp_path, demo_data, 
         torch.testing.assert_close(a1[k], a2[k], rtol=1e-4, atol=1e-6)
 
 
-def test_resume_at_another_world_size_restores_weights_moments_and_position(ref2, tmp_path, demo_data, tiny_dirs):
-    model = tiny_dirs["qwen2_5_vl"]
+def test_resume_at_another_world_size_restores_weights_moments_and_position(ref2, tmp_path, demo_data, tiny_tied_dirs):
+    model = tiny_tied_dirs["qwen3_vl"]
     # Preempted at 2 ranks: SIGTERM to rank 0 alone during step 3 (mid-epoch 2); the ranks agree
     # on it in the step's collective, finish the step and save.
-    out, r = train(tmp_path, "moving", demo_data, model, nproc=2, sets=NO_DROPOUT + ["output.save_every_steps=0"],
+    out, r = train(tmp_path, "moving", demo_data, model, nproc=2, sets=QWEN3 + ["output.save_every_steps=0"],
                    env={"LIVR_DS_FAULT": "before_step_sync:3:TERM"})
     stage = out / "stage1"
     assert r.returncode == 0 and "stopped on signal at step 3" in r.stderr + r.stdout
     assert tags(stage) == ["step-00000002", "step-00000003"]
     # 2 -> 1: every trainable tensor and Adam moment as saved, bit for bit; step, LR and data position go on.
-    rep, r = probe(tmp_path, "moving", demo_data, model, 1, sets=NO_DROPOUT, env={"LIVR_DS_FAULT": "after_step:2"})
+    rep, r = probe(tmp_path, "moving", demo_data, model, 1, sets=QWEN3, env={"LIVR_DS_FAULT": "after_step:2"})
     assert rep["resumed_from"].endswith("step-00000003") and rep["world_size"] == 1
     assert rep["weights_exact"] and rep["moments_exact"] and rep["n_moments"] == 2 * rep["n_tensors"] > 0
     assert rep["optimizer_step"] == 3 and rep["global_step"] == 3
@@ -209,7 +222,7 @@ def test_resume_at_another_world_size_restores_weights_moments_and_position(ref2
     assert "re-initialised" not in r.stderr
     assert r.returncode != 0 and tags(stage)[-1] == "step-00000004"  # killed at step 5, after step 4's save
     # 1 -> 2, from the checkpoint the 1-rank run wrote.
-    rep, r = probe(tmp_path, "moving", demo_data, model, 2, sets=NO_DROPOUT)
+    rep, r = probe(tmp_path, "moving", demo_data, model, 2, sets=QWEN3)
     assert rep["resumed_from"].endswith("step-00000004") and rep["world_size"] == 2
     assert rep["weights_exact"] and rep["moments_exact"] and rep["optimizer_step"] == 4
     assert r.returncode == 0 and (stage / "DONE").exists()
@@ -263,7 +276,7 @@ def test_kills_at_each_fault_point_keep_metrics_exact_and_skip_damaged_checkpoin
     assert r.returncode != 0 and f"{damaged} has 0 bytes" in r.stderr
 
 
-def test_stage2_init_from_stage1_and_exports(tmp_path, demo_data, tiny_dirs, ref4):
+def test_stage2_init_from_stage1_and_exports(tmp_path, demo_data, tiny_tied_dirs, ref4):
     from livr_ds.config import load_config
     from livr_ds.data.collate import LivrCollator
     from livr_ds.data.reader import LivrLoader, ShardSource
@@ -272,7 +285,7 @@ def test_stage2_init_from_stage1_and_exports(tmp_path, demo_data, tiny_dirs, ref
     from livr_ds.train import checkpoint
 
     stage1 = str(ref4[0] / "stage1")
-    base = [f"model.path={tiny_dirs['qwen2_5_vl']}", "latents.num=4", "stage=2"]
+    base = [f"model.path={tiny_tied_dirs['qwen2_5_vl']}", "latents.num=4", "stage=2"]
     # Stage 2 starts from Stage 1's exact adapter and latent rows.
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), base)
     bb = build_backbone(cfg, policy="standard")
@@ -315,7 +328,7 @@ def test_stage2_init_from_stage1_and_exports(tmp_path, demo_data, tiny_dirs, ref
     torch.testing.assert_close(plain_logits[real], got[real], rtol=1e-4, atol=1e-4)
 
     # And a real Stage 2 launch from Stage 1 runs to the end.
-    out, r = train(tmp_path, "stage2", demo_data, tiny_dirs["qwen2_5_vl"], stage="2", extra=["--init-from", stage1])
+    out, r = train(tmp_path, "stage2", demo_data, tiny_tied_dirs["qwen2_5_vl"], stage="2", extra=["--init-from", stage1])
     assert (out / "stage2" / "DONE").exists()
     assert "initialised from" in r.stderr + r.stdout
 

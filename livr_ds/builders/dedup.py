@@ -23,10 +23,11 @@ embedding, then confirmation by perceptual hash AND SSIM.
    pair is a duplicate only if both its images match the two images of a test pair. (The paper's
    supplement is not in this repository's copy of the paper; this is the rule its issue states.)
 
-Test sets: a BLINK parquet file, a folder of parquet files (BLINK's Hugging Face layout
-``<Sub_Task>/val-*.parquet``; when a sub-folder named after the task's BLINK subset exists only it
-is used), a livr-ds shard folder (manifest.json), a JSONL manifest, or a plain folder of images
-(each image its own test sample).
+Test sets: a BLINK parquet file or glob, a folder of parquet files (BLINK's Hugging Face layout
+``<Sub_Task>/{val,test}-*.parquet``, both splits read, or a hub-cache repo folder; when a
+sub-folder named after the task's BLINK subset (data/tasks.py) exists only it is used), a livr-ds
+shard folder (manifest.json), a JSONL manifest, or a plain folder of images (each image its own
+test sample).
 """
 
 from __future__ import annotations
@@ -41,15 +42,12 @@ import numpy as np
 from PIL import Image
 
 from ..data.schema import DataError
+from ..data.tasks import BLINK_SUBTASKS, canonical_task
 
 log = logging.getLogger(__name__)
 
-BLINK_SUBSETS = {
-    "counting": "Counting", "jigsaw": "Jigsaw", "localization": "Object_Localization",
-    "visual_correspondence": "Visual_Correspondence", "art_style": "Art_Style",
-    "semantic_correspondence": "Semantic_Correspondence", "functional_correspondence": "Functional_Correspondence",
-    "relative_reflectance": "Relative_Reflectance", "visual_similarity": "Visual_Similarity",
-}
+# livr-ds task -> BLINK hub folder (localization -> Object_Localization): data/tasks.py's one mapping
+BLINK_SUBSETS = {task: sub for sub, task in BLINK_SUBTASKS.items()}
 IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -66,11 +64,13 @@ def _decode(data: bytes, where: str) -> Image.Image | None:
 
 def load_test_groups(path: str, task: str | None = None) -> tuple[list[list[Image.Image]], list[str]]:
     """-> (images grouped per test sample, the files read)."""
+    from ..data.blink import hub_root, resolve_parquet
     from ..data.writer import iter_jsonl, iter_parquet, read_manifest
 
-    if not os.path.exists(path):
-        raise DataError(f"{path}: --dedup-against not found (a BLINK parquet file or folder, a shard folder, "
-                        "a JSONL manifest or an image folder)")
+    is_glob = not os.path.exists(path) and any(c in path for c in "*?[")
+    if not os.path.exists(path) and not is_glob:
+        raise DataError(f"{path}: --dedup-against not found (a BLINK parquet file, glob or hub folder, a shard "
+                        "folder, a JSONL manifest or an image folder)")
     groups: list[list[Image.Image]] = []
     files: list[str] = []
 
@@ -79,12 +79,17 @@ def load_test_groups(path: str, task: str | None = None) -> tuple[list[list[Imag
         if g:
             groups.append(g)
 
-    if os.path.isfile(path) and path.endswith(".parquet"):
+    if is_glob:
+        parquets = [p for p in resolve_parquet([path])[0] if p.endswith(".parquet")]
+        if not parquets:
+            raise DataError(f"{path}: pattern matches no .parquet file")
+    elif os.path.isfile(path) and path.endswith(".parquet"):
         parquets = [path]
     elif os.path.isdir(path) and not os.path.isfile(os.path.join(path, "manifest.json")):
-        sub = BLINK_SUBSETS.get(task or "")
-        root = os.path.join(path, sub) if sub and os.path.isdir(os.path.join(path, sub)) else path
-        parquets = sorted(glob.glob(os.path.join(root, "**", "*.parquet"), recursive=True))
+        root = hub_root(path)
+        sub = BLINK_SUBSETS.get(canonical_task(task)) if task else None
+        root = os.path.join(root, sub) if sub and os.path.isdir(os.path.join(root, sub)) else root
+        parquets = sorted(glob.glob(os.path.join(glob.escape(root), "**", "*.parquet"), recursive=True))
     else:
         parquets = []
     if parquets:

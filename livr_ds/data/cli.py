@@ -26,14 +26,18 @@ def _write(args: argparse.Namespace) -> int:
                 dedup_against=args.dedup_against, dedup_image_root=args.dedup_image_root,
                 progress=not args.no_progress)
     if args.jsonl:
-        if args.task:
-            raise DataError("--task applies to --parquet only (JSONL lines carry their own task)")
+        for flag, value in (("--task", args.task), ("--parquet-split", args.parquet_split),
+                            ("--revision", args.revision)):
+            if value:
+                raise DataError(f"{flag} applies to --parquet only")
         m = convert_jsonl(args.jsonl, args.image_root, args.out, **opts)
     else:
-        m = convert_parquet(args.parquet, args.out, task=args.task, **opts)
+        m = convert_parquet(args.parquet, args.out, task=args.task, parquet_split=args.parquet_split or "val",
+                            revision=args.revision, **opts)
     summary = {k: {"total": v["total"], "shards": len(v["shards"]), "tasks": v["tasks"]}
                for k, v in m["splits"].items()}
-    print(json.dumps({"out": args.out, "splits": summary, "dedup": m.get("dedup", {}).get("removed")}, indent=1))
+    print(json.dumps({"out": args.out, "splits": summary, "dedup": m.get("dedup", {}).get("removed"),
+                      "revision": m.get("revision")}, indent=1))
     return 0
 
 
@@ -86,15 +90,23 @@ def add_shards_commands(subparsers) -> argparse.ArgumentParser:
     w = sub.add_parser("write", help="convert a JSONL manifest or BLINK-style parquet to shards")
     src = w.add_mutually_exclusive_group(required=True)
     src.add_argument("--jsonl", help="JSONL: one sample per line (task, question, choices, answer, images, ...)")
-    src.add_argument("--parquet", nargs="+", help="BLINK-style parquet file(s) (image_1..image_4 columns)")
-    w.add_argument("--image-root", help="folder the JSONL image paths are relative to (default: the JSONL's)")
+    src.add_argument("--parquet", nargs="+", help="BLINK-style parquet: file(s), a glob pattern, or the BLINK hub "
+                     "folder (<Sub_Task>/{val,test}-*.parquet; see --parquet-split)")
+    w.add_argument("--parquet-split", choices=["val", "test"], default=None,
+                   help="with a hub folder: read its <Sub_Task>/<this>-*.parquet (default: val, what the paper "
+                        "reports; BLINK's test answers are hidden). --split names the split written")
+    w.add_argument("--revision", help="parquet: the dataset revision to record in the manifest (default: the "
+                   "commit of the hub copy's .git or hub cache, if any)")
+    w.add_argument("--image-root", help="JSONL: folder the image paths are relative to, and the only folder images "
+                   "are read from (default: the JSONL's folder)")
     w.add_argument("--out", required=True, help="output folder for {split}-NNNNN.tar and manifest.json")
     w.add_argument("--split", default="train", help="split name for the written samples (default: train)")
     w.add_argument("--shard-size", type=int, default=256, help="samples per shard (default: 256)")
     w.add_argument("--val-fraction", type=float, default=0.0, help="move this fraction to split 'val'")
     w.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    w.add_argument("--dedup-against", metavar="TEST", help="JSONL, parquet or shard folder of test samples: "
-                   "drop samples with a pixel-identical image")
+    w.add_argument("--dedup-against", metavar="TEST", nargs="+",
+                   help="test samples: JSONL, shard folder, or parquet file(s) / glob / BLINK hub folder (its "
+                        "val and test files): drop samples with a pixel-identical image")
     w.add_argument("--dedup-image-root", help="image root of a JSONL --dedup-against (default: its folder)")
     w.add_argument("--task", help="parquet only: task name for every row (default: the sub_task column)")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")

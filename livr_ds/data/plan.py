@@ -28,10 +28,10 @@ class EpochPlan:
             if k > 0:
                 pick = np.sort(np.random.default_rng([seed, epoch, 1, si]).choice(total, size=k, replace=False))
                 bounds = np.cumsum([0, *counts])
+                cut = np.searchsorted(pick, bounds)  # shard j's picks: pick[cut[j]:cut[j+1]] (O(k + shards))
                 for j, sid in enumerate(ids):
-                    sel = pick[(pick >= bounds[j]) & (pick < bounds[j + 1])] - bounds[j]
-                    if len(sel):
-                        visits.append((sid, sel.astype(np.int64)))
+                    if cut[j + 1] > cut[j]:
+                        visits.append((sid, (pick[cut[j]:cut[j + 1]] - bounds[j]).astype(np.int64)))
         if shuffle:
             order = np.random.default_rng([seed, epoch, 0]).permutation(len(visits))
             visits = [visits[i] for i in order]
@@ -45,6 +45,15 @@ class EpochPlan:
                 end = min(start + shuffle_block, self.n)
                 perm[start:end] = start + rng.permutation(end - start)
         self.perm = perm  # position p -> stream position perm[p]
+
+    @staticmethod
+    def length(sources: list[tuple[list[int], list[int], float]]) -> int:
+        """Samples per epoch (the same every epoch), without building a plan."""
+        n = 0
+        for _, counts, weight in sources:
+            full, frac = int(math.floor(weight)), weight - math.floor(weight)
+            n += full * sum(counts) + int(round(frac * sum(counts)))
+        return n
 
     def stream_locate(self, q: int) -> tuple[int, int]:
         v = bisect.bisect_right(self.offsets, q) - 1

@@ -39,17 +39,27 @@ Ranks and workers: global batch s holds positions [s*W*B, (s+1)*W*B); rank r tak
     Batch b of a rank's remaining batches goes to worker b % num_workers, so DataLoader's
     round-robin returns them in order; a worker with no batches yields nothing.
 
+Reading: each worker reads its samples by seeking to them: a per-shard index (index.py,
+    ``<shard>.idx.json``, written by the writer; for older shards built once from the tar
+    headers and cached) gives each sample's byte ranges, and the worker reads exactly those
+    (the tar headers and data of the sample's declared members, one read per sample). Bytes read
+    per epoch are therefore ~ the bytes of the samples the rank uses, independent of the number
+    of ranks and workers; they are counted in ``stats["bytes_read"]`` and logged at each epoch's
+    end. Indexes are loaded once per loader and kept across epochs.
+
 Decoding: only ``json`` and ``<i>.jpg|jpeg|png`` members are read (others, e.g. ``.pyd``,
-    ``.pickle``, ``.pth``, are skipped inside the tar stream, never loaded, never unpickled).
+    ``.pickle``, ``.pth``, are never read from disk, never unpickled).
     Images go through PIL's JPEG/PNG parsers only, with a full load() (catches truncation).
-    Samples skipped for resume or belonging to other ranks are skipped as raw tar members:
-    never decoded, and shards holding none of a worker's samples are never opened.
+    Samples skipped for resume or belonging to other ranks are not read at all, and shards
+    holding none of a worker's samples are never opened.
 
 Errors: on_error="raise" -> DataError "<shard>:<key>: what is wrong" (corrupt or truncated
     tar, truncated image, bad JSON fields, answer not among choices, shard shorter than its
-    manifest). on_error="skip" -> the bad sample is replaced by a copy of a good sample of the
-    same batch (or the worker's previous one), marked ``_pad`` and ``_replaces``, counted in
-    ``stats["bad"]`` and logged: batch counts stay equal across ranks.
+    manifest). A tar cut inside a member affects only the sample it cuts (a short read): every
+    complete sample before the cut is read normally. on_error="skip" -> the bad sample is
+    replaced by a copy of a good sample of the same batch (or the worker's previous one), marked
+    ``_pad`` and ``_replaces``, counted in ``stats["bad"]`` and logged: batch counts stay equal
+    across ranks.
 
 Position: ``state_dict()`` = {"epoch", "batches_consumed", "samples_consumed" (global),
     "world_size", "batch_size", "fingerprint", ...}, counting only batches handed to the
@@ -64,6 +74,7 @@ Position: ``state_dict()`` = {"epoch", "batches_consumed", "samples_consumed" (g
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import hashlib
 import json
@@ -75,6 +86,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .index import INDEX_SUFFIX, CountingFile, ShardIndex, load_indexes, parse_run
 from .plan import EpochPlan, Layout
 from .schema import DECLARED_MEMBER_RE, IMAGE_MEMBER_RE, DataError, Sample, decode_image, validate_record
 from .workers import ignore_stop_signals, live_worker_iterators, shutdown_workers
@@ -104,13 +116,14 @@ def _stop_handler(exn: Exception) -> bool:
     raise exn
 
 
-def read_shard(url: str, wanted: list[int]) -> Iterator[tuple[int, dict | _Bad]]:
+def read_shard(url: str, wanted: list[int], counter: list[int] | None = None) -> Iterator[tuple[int, dict | _Bad]]:
     """Yield (index in shard, raw sample) for the sorted, unique sample indices ``wanted``.
 
-    Built on webdataset's tar_file_iterator: a member is read only if it belongs to a wanted
-    sample and has a declared extension; everything else stays unread bytes in the stream.
-    Reading stops after the last wanted sample. A raw sample is {"__key__", "json", "0.jpg", ...}.
-    A read failure yields _Bad for every wanted sample not yet produced.
+    The stream reader (``LivrLoader._read_mode = "stream"``, kept for comparison): webdataset's
+    tar_file_iterator reads the tar from its start in stream mode, so every member before the
+    last wanted sample is read from disk (unwanted ones are discarded unparsed). A raw sample is
+    {"__key__", "json", "0.jpg", ...}. A read failure yields _Bad for every wanted sample not yet
+    produced. ``counter[0]`` accumulates the bytes read from the file.
     """
     wanted_set, last = set(wanted), wanted[-1]
     st: dict[str, Any] = {"prefix": None, "idx": -1, "keys": {}}
@@ -132,7 +145,8 @@ def read_shard(url: str, wanted: list[int]) -> Iterator[tuple[int, dict | _Bad]]
     cur_idx, cur = None, None
     error = None
     try:
-        with open(url, "rb") as f:
+        f = CountingFile(url, counter)
+        try:
             for member in wds.tariterators.tar_file_iterator(f, handler=_stop_handler, select_files=select):
                 idx = st["idx"]
                 if idx != cur_idx:
@@ -144,6 +158,8 @@ def read_shard(url: str, wanted: list[int]) -> Iterator[tuple[int, dict | _Bad]]
                 if ext.lower() in cur:
                     raise DataError(f"{url}:{cur['__key__']}: duplicate member {member['fname']}")
                 cur[ext.lower()] = member["data"]
+        finally:
+            f.close()
     except DataError as exc:
         error = exc
     except Exception as exc:  # tarfile.ReadError, OSError, ... from a corrupt or truncated tar
@@ -204,10 +220,10 @@ def default_collate(samples: list[Sample]) -> list[Sample]:
 
 
 class _StreamReader:
-    """Reads one pass over a sorted set of stream positions, buffering ahead as needed."""
+    """Stream mode: reads one pass over a sorted set of stream positions, buffering ahead."""
 
-    def __init__(self, plan: EpochPlan, shards: list[ShardInfo], positions: list[int]):
-        self.plan, self.shards = plan, shards
+    def __init__(self, plan: EpochPlan, shards: list[ShardInfo], positions: list[int], counter: list[int]):
+        self.plan, self.shards, self.counter = plan, shards, counter
         self.buffer: dict[int, tuple[str, dict | _Bad]] = {}
         self._gen = self._generate(sorted(set(positions)))
 
@@ -220,7 +236,7 @@ class _StreamReader:
             off = int(self.plan.offsets[v])
             q_of = {int(idxs[q - off]): q for q in by_visit[v]}
             url = self.shards[sid].url
-            for idx, raw in read_shard(url, sorted(q_of)):
+            for idx, raw in read_shard(url, sorted(q_of), self.counter):
                 yield q_of[idx], (url, raw)
 
     def get(self, q: int) -> tuple[str, dict | _Bad]:
@@ -228,6 +244,99 @@ class _StreamReader:
             pos, item = next(self._gen)
             self.buffer[pos] = item
         return self.buffer.pop(q)
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """Up to n bytes at offset (fewer only at the end of the file)."""
+    parts = []
+    while n > 0:
+        b = os.pread(fd, n, offset)
+        if not b:
+            break
+        parts.append(b)
+        n, offset = n - len(b), offset + len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _IndexedReader:
+    """Reads samples by seeking to their members (index.py): per sample one read per run of its
+    declared members (tar headers + data), nothing else. Counts the bytes in ``bytes_read``."""
+
+    MAX_OPEN = 32  # open shard files kept per worker (least recently used closed first)
+
+    def __init__(self, plan: EpochPlan, shards: list[ShardInfo], indexes: list[ShardIndex | DataError]):
+        self.plan, self.shards, self.indexes = plan, shards, indexes
+        self.fds: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.bytes_read = 0
+
+    def _fd(self, sid: int) -> int:
+        fd = self.fds.pop(sid, None)
+        if fd is None:
+            fd = os.open(self.shards[sid].url, os.O_RDONLY)
+            if len(self.fds) >= self.MAX_OPEN:
+                os.close(self.fds.popitem(last=False)[1])
+        self.fds[sid] = fd
+        return fd
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.popitem()[1])
+
+    def get(self, q: int) -> tuple[str, dict | _Bad]:
+        v, idx = self.plan.stream_locate(q)
+        sid = self.plan.visits[v][0]
+        return self.shards[sid].url, self.read(sid, idx)
+
+    def read(self, sid: int, i: int) -> dict | _Bad:
+        url, index = self.shards[sid].url, self.indexes[sid]
+        if isinstance(index, DataError):  # the shard could not be indexed at all
+            return _Bad(f"#{i}", index)
+        if i >= len(index):
+            why = f" ({index.error})" if index.error else ""
+            return _Bad(f"#{i}", DataError(
+                f"{url}:#{i}: shard ended after {len(index)} samples{why}; the manifest promised more "
+                "(truncated or replaced shard?)"))
+        key = index.key(i)
+        raw: dict = {"__key__": key}
+        try:
+            fd = self._fd(sid)
+            for start, end in index.runs(i):
+                buf = _pread(fd, end - start, start)
+                self.bytes_read += len(buf)
+                if len(buf) < end - start:
+                    return _Bad(key, DataError(
+                        f"{url}:{key}: corrupt or truncated tar (the shard ends at byte {start + len(buf)}, inside "
+                        f"this sample's members at bytes [{start}, {end}))"))
+                members = parse_run(buf, key)
+                if isinstance(members, str):
+                    return _Bad(key, DataError(
+                        f"{url}:{key}: corrupt tar or stale index at bytes [{start}, {end}): {members} (a stale "
+                        f"{os.path.basename(url)}{INDEX_SUFFIX} can be deleted; it is rebuilt from the tar headers)"))
+                for ext, data in members:
+                    if ext.lower() in raw:
+                        return _Bad(key, DataError(f"{url}:{key}: duplicate member {key}.{ext}"))
+                    raw[ext.lower()] = data
+        except OSError as exc:
+            return _Bad(key, DataError(f"{url}:{key}: cannot read shard ({exc})"))
+        return raw
+
+
+def worker_requests(plan: EpochPlan, layout: Layout, rank: int,
+                    batches: list[int]) -> list[list[tuple[int, int, bool]]]:
+    """(stream position q, pass k, is_pad) for each sample of ``batches`` of ``rank``: O(these
+    samples). The k-th request of the same q (padding wraps around) is the stream reader's k-th
+    pass; the indexed reader ignores k."""
+    seen: dict[int, int] = {}
+    requests = []
+    for b in batches:
+        reqs = []
+        for p, pad in layout.positions(rank, b):
+            q = int(plan.perm[p])
+            k = seen.get(q, 0)
+            seen[q] = k + 1
+            reqs.append((q, k, pad))
+        requests.append(reqs)
+    return requests
 
 
 class _EpochDataset(IterableDataset):
@@ -245,29 +354,37 @@ class _EpochDataset(IterableDataset):
         if not mine:
             return
         plan = EpochPlan(c["plan_sources"], c["seed"], self.epoch, c["shuffle"], c["shuffle_block"])
-        # Requests (stream position, pass) per batch: the k-th request of the same stream
-        # position (padding wraps around) is served by the k-th sequential reader.
-        seen: dict[int, int] = {}
-        requests = []
-        for b in mine:
-            reqs = []
-            for p, pad in layout.positions(c["rank"], b):
-                q = int(plan.perm[p])
-                k = seen.get(q, 0)
-                seen[q] = k + 1
-                reqs.append((q, k, pad))
-            requests.append(reqs)
-        passes: dict[int, list[int]] = {}
-        for reqs in requests:
-            for q, k, _ in reqs:
-                passes.setdefault(k, []).append(q)
-        readers = {k: _StreamReader(plan, c["shards"], qs) for k, qs in passes.items()}
+        requests = worker_requests(plan, layout, c["rank"], mine)
+        if c["read_mode"] == "stream":
+            passes: dict[int, list[int]] = {}
+            for reqs in requests:
+                for q, k, _ in reqs:
+                    passes.setdefault(k, []).append(q)
+            counter = [0]
+            readers = {k: _StreamReader(plan, c["shards"], qs, counter) for k, qs in passes.items()}
+            get = lambda q, k: readers[k].get(q)  # noqa: E731
+            read_one = lambda sid, i: next(read_shard(c["shards"][sid].url, [i], counter))[1]  # noqa: E731
+            bytes_read = lambda: counter[0]  # noqa: E731
+            indexed = None
+        else:
+            indexed = _IndexedReader(plan, c["shards"], c["indexes"])
+            get = lambda q, k: indexed.get(q)  # noqa: E731
+            read_one = indexed.read
+            bytes_read = lambda: indexed.bytes_read  # noqa: E731
+        try:
+            yield from self._batches(c, plan, mine, requests, get, read_one, bytes_read)
+        finally:
+            if indexed is not None:
+                indexed.close()
+
+    def _batches(self, c, plan, mine, requests, get, read_one, bytes_read):
         last_good: Sample | None = None
+        reported = 0
         for b, reqs in zip(mine, requests):
             samples: list[Sample | None] = []
             bad: list[tuple[int, str, str]] = []
             for j, (q, k, pad) in enumerate(reqs):
-                url, raw = readers[k].get(q)
+                url, raw = get(q, k)
                 try:
                     if isinstance(raw, _Bad):
                         raise raw.error
@@ -285,7 +402,7 @@ class _EpochDataset(IterableDataset):
             good = [s for s in samples if s is not None]
             donor = good[0] if good else last_good
             if bad and donor is None:
-                donor = self._any_good_sample(plan, c["shards"])
+                donor = self._any_good_sample(plan, c["shards"], read_one)
             for j, key, _ in bad:
                 samples[j] = dataclasses.replace(donor, meta={**donor.meta, "_pad": True, "_replaces": key})
             if good:
@@ -293,20 +410,21 @@ class _EpochDataset(IterableDataset):
             bad_slots = {j for j, _, _ in bad}
             info = {"epoch": self.epoch, "batch": b, "n_pad": sum(pad for _, _, pad in reqs),
                     "n_real": sum(1 for j, (_, _, pad) in enumerate(reqs) if not pad and j not in bad_slots),
-                    "bad": [(key, msg) for _, key, msg in bad]}
+                    "bad": [(key, msg) for _, key, msg in bad], "bytes_read": bytes_read() - reported}
+            reported += info["bytes_read"]
             yield c["collate_fn"](samples), info
 
     @staticmethod
-    def _any_good_sample(plan: EpochPlan, shards: list[ShardInfo]) -> Sample:
+    def _any_good_sample(plan: EpochPlan, shards: list[ShardInfo], read_one) -> Sample:
         for q in range(plan.n):  # rare: a whole batch bad and nothing good before it
             v, idx = plan.stream_locate(q)
-            url = shards[plan.visits[v][0]].url
-            for _, raw in read_shard(url, [idx]):
-                if not isinstance(raw, _Bad):
-                    try:
-                        return decode_sample(raw, url)
-                    except DataError:
-                        pass
+            sid = plan.visits[v][0]
+            raw = read_one(sid, idx)
+            if not isinstance(raw, _Bad):
+                try:
+                    return decode_sample(raw, shards[sid].url)
+                except DataError:
+                    pass
         raise DataError("on_error='skip': no readable sample in the whole epoch")
 
 
@@ -321,10 +439,13 @@ def dist_rank_world() -> tuple[int, int]:
 class LivrLoader:
     """See the module docstring. ``rank``/``world_size`` None -> from torch.distributed."""
 
+    _read_mode = "indexed"  # "stream": the old whole-tar stream reader, kept for benchmarks and tests
+
     def __init__(self, sources, rank: int | None = None, world_size: int | None = None, batch_size: int = 1,
                  num_workers: int = 0, seed: int = 0, collate_fn: Callable | None = None, shuffle: bool = True,
                  on_error: str = "raise", drop_last: bool = False, shuffle_block: int = 4096,
-                 prefetch_factor: int = 2, timeout: float = 0, state: dict | None = None):
+                 prefetch_factor: int = 2, timeout: float = 0, state: dict | None = None,
+                 index_cache: str | None = None):
         if rank is None or world_size is None:
             r, w = dist_rank_world()
             rank = r if rank is None else rank
@@ -348,17 +469,19 @@ class LivrLoader:
         self.collate_fn = collate_fn or default_collate
         self.on_error, self.drop_last = on_error, drop_last
         self.prefetch_factor, self.timeout = prefetch_factor, timeout
+        self.index_cache = index_cache
+        self._indexes: list | None = None  # per shard, loaded (or built) on the first epoch
 
         self.shards: list[ShardInfo] = []
         plan_sources, fp = [], []
         for src in self.sources:
-            infos = src.resolve()
+            infos = src.resolve(index_cache)
             ids = list(range(len(self.shards), len(self.shards) + len(infos)))
             self.shards += infos
             plan_sources.append((ids, [i.count for i in infos], float(src.weight)))
             fp.append([float(src.weight), [(i.name, i.count, i.sha256) for i in infos]])
         self._plan_sources = plan_sources
-        n = EpochPlan(plan_sources, seed, 0, False, 1).n  # the same every epoch
+        n = EpochPlan.length(plan_sources)  # the same every epoch
         if n == 0:
             raise DataError(f"no samples in {[s.path for s in self.sources]}")
         self.layout = Layout(n, world_size, batch_size, drop_last)
@@ -371,7 +494,7 @@ class LivrLoader:
             {"sources": fp, "seed": seed, "shuffle": shuffle, "block": shuffle_block}, sort_keys=True).encode()
         ).hexdigest()[:16]
         self.epoch, self._consumed = 0, 0
-        self.stats = {"samples": 0, "pad": 0, "bad": 0, "bad_keys": []}
+        self.stats = {"samples": 0, "pad": 0, "bad": 0, "bad_keys": [], "bytes_read": 0}
         if state is not None:
             self.load_state_dict(state)
 
@@ -430,10 +553,19 @@ class LivrLoader:
         self.epoch, self._consumed = epoch, consumed
 
     # -- iteration --
+    def _load_indexes(self) -> list:
+        """The shards' sample indexes, once per loader (kept across epochs; workers inherit them)."""
+        if self._indexes is None:
+            self._indexes = load_indexes([(s.url, s.sha256) for s in self.shards], self.index_cache,
+                                         start=self.rank / self.world_size)
+        return self._indexes
+
     def _cfg(self) -> dict:
+        indexed = self._read_mode != "stream"
         return {"layout": self.layout, "plan_sources": self._plan_sources, "seed": self.seed,
                 "shuffle": self.shuffle, "shuffle_block": self.shuffle_block, "shards": self.shards,
-                "rank": self.rank, "on_error": self.on_error, "collate_fn": self.collate_fn}
+                "rank": self.rank, "on_error": self.on_error, "collate_fn": self.collate_fn,
+                "read_mode": "indexed" if indexed else "stream", "indexes": self._load_indexes() if indexed else None}
 
     def __iter__(self):
         epoch, start, total = self.epoch, self._consumed, len(self)
@@ -451,7 +583,7 @@ class LivrLoader:
                 kw["worker_init_fn"] = ignore_stop_signals
             dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             timeout=self.timeout, generator=gen, **kw)
-            expected = start
+            expected, epoch_bytes, epoch_samples = start, 0, 0
             batches = iter(dl)
             live_worker_iterators.add(batches)
             try:
@@ -465,9 +597,15 @@ class LivrLoader:
                     self.stats["pad"] += info["n_pad"]
                     self.stats["bad"] += len(info["bad"])
                     self.stats["bad_keys"] = (self.stats["bad_keys"] + [k for k, _ in info["bad"]])[-1000:]
+                    self.stats["bytes_read"] += info["bytes_read"]
+                    epoch_bytes += info["bytes_read"]
+                    epoch_samples += self.batch_size
                     yield batch
             finally:  # an error or an abandoned epoch: stop the workers through their queues now
                 shutdown_workers(batches)
             if expected != total:
                 raise DataError(f"internal: rank {self.rank} got {expected} of {total} batches in epoch {epoch}")
+            log.info("data: rank %d/%d epoch %d done: %d samples (batches %d..%d), %.1f MiB read from shards "
+                     "(%s reads, %.0f bytes per sample)", self.rank, self.world_size, epoch, epoch_samples, start,
+                     total - 1, epoch_bytes / 2**20, self._read_mode, epoch_bytes / max(1, epoch_samples))
         self.epoch, self._consumed = epoch + 1, 0

@@ -1,7 +1,8 @@
 """Where shards come from: a manifest directory, a manifest file, or a brace/glob pattern.
 
 ``ShardSource(path, weight=1.0, split="train").resolve()`` -> the shard list with sample counts
-(from manifest.json, else from one scan of the tar headers, logged). See reader.py for how the
+(from manifest.json, else from the shards' indexes, built if needed by one scan of the tar
+headers, logged and cached). See reader.py for how the
 loader uses them.
 """
 
@@ -16,7 +17,8 @@ import os
 
 import webdataset as wds
 
-from .schema import DECLARED_MEMBER_RE, DataError
+from .index import get_index, load_indexes
+from .schema import DataError
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +41,23 @@ class ShardSource:
     weight: float = 1.0
     split: str = "train"
 
-    def resolve(self) -> list[ShardInfo]:
+    def resolve(self, cache_dir: str | None = None) -> list[ShardInfo]:
         path = os.fspath(self.path)
         if not (isinstance(self.weight, (int, float)) and self.weight > 0 and math.isfinite(self.weight)):
             raise DataError(f"{path}: weight must be a positive number, got {self.weight!r}")
         if os.path.isdir(path) or os.path.basename(path) == MANIFEST:
-            return _from_manifest_dir(path if os.path.isdir(path) else os.path.dirname(path) or ".", self.split)
-        return _from_pattern(path)
+            return _from_manifest_dir(path if os.path.isdir(path) else os.path.dirname(path) or ".", self.split,
+                                      cache_dir)
+        return _from_pattern(path, cache_dir)
 
 
-def _from_manifest_dir(d: str, split: str) -> list[ShardInfo]:
+def _from_manifest_dir(d: str, split: str, cache_dir: str | None = None) -> list[ShardInfo]:
     mpath = os.path.join(d, MANIFEST)
     if not os.path.isfile(mpath):
         pattern = os.path.join(d, f"{split}-*.tar")
         if not glob.glob(pattern):
             raise DataError(f"{d}: no {MANIFEST} and no shards matching {split}-*.tar")
-        return _from_pattern(pattern)
+        return _from_pattern(pattern, cache_dir)
     with open(mpath) as f:
         try:
             m = json.load(f)
@@ -72,7 +75,7 @@ def _from_manifest_dir(d: str, split: str) -> list[ShardInfo]:
     return shards
 
 
-def _from_pattern(pattern: str) -> list[ShardInfo]:
+def _from_pattern(pattern: str, cache_dir: str | None = None) -> list[ShardInfo]:
     urls = []
     for u in wds.shardlists.expand_urls(pattern):
         urls += sorted(glob.glob(u)) if any(c in u for c in "*?[") else [u]
@@ -94,33 +97,20 @@ def _from_pattern(pattern: str) -> list[ShardInfo]:
             except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
                 pass
     todo = [u for u in found if os.path.normpath(u) not in counts]
-    if todo:
-        log.info("counting samples in %d shard(s) matching %r (no manifest entry; reading tar headers once)",
-                 len(todo), pattern)
-    out = []
-    for u in found:
-        n = counts.get(os.path.normpath(u))
-        out.append(ShardInfo(u, n if n is not None else count_samples(u), os.path.basename(u)))
-    return out
+    if todo:  # counts from the shards' indexes (stored, or built by one pass over the tar headers)
+        for u, idx in zip(todo, load_indexes([(u, "") for u in todo], cache_dir,
+                                             what=f"shard(s) matching {pattern!r} (no manifest entry)")):
+            if isinstance(idx, DataError):
+                raise idx
+            counts[os.path.normpath(u)] = len(idx)
+    return [ShardInfo(u, counts[os.path.normpath(u)], os.path.basename(u)) for u in found]
 
 
-def count_samples(url: str) -> int:
-    """Number of samples (distinct keys with a declared member) in a shard; reads no data."""
-    state = {"prefix": None, "n": 0}
-
-    def select(fname: str) -> bool:
-        prefix, ext = wds.tariterators.base_plus_ext(fname)
-        if prefix is not None and DECLARED_MEMBER_RE.match(ext.lower()) and prefix != state["prefix"]:
-            state["prefix"] = prefix
-            state["n"] += 1
-        return False
-
+def count_samples(url: str, cache_dir: str | None = None) -> int:
+    """Number of samples (distinct keys with a declared member) in a shard. Reads no member data:
+    the count comes from the shard's index, built if needed by one pass over the tar headers
+    (and cached, so the loader's reads reuse it)."""
     try:
-        with open(url, "rb") as f:
-            for _ in wds.tariterators.tar_file_iterator(f, select_files=select):
-                pass
-    except Exception as exc:
-        raise DataError(f"{url}:{state['prefix'] or '<start>'}: cannot read tar ({exc})") from None
-    return state["n"]
-
-
+        return len(get_index(url, cache_dir=cache_dir))
+    except OSError as exc:
+        raise DataError(f"{url}:<start>: cannot read tar ({exc})") from None

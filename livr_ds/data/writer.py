@@ -2,7 +2,7 @@
 
     write_shards(samples, out_dir, split, shard_size=256)      any iterable of sample dicts
     convert_jsonl(jsonl, image_root, out_dir, ...)              JSONL manifest + image folder
-    convert_parquet(paths, out_dir, ...)                        BLINK-style parquet exports
+    convert_parquet(paths, out_dir, ...)                        BLINK parquet: files, globs, the hub folder
     verify_shards(out_dir) -> list of problems                  sha256 + sample counts
 
 A sample dict is ``{"key"?, "task", "question", "choices", "answer", "meta"?, "images": [...]}``
@@ -15,8 +15,9 @@ counts and sha256, the counts per task and the total; the reader takes counts fr
 
 ``val_fraction`` moves a deterministic subset (a function of seed and key, exact size
 round(fraction * N)) to split "val". ``dedup_against`` drops train/val samples that have an image
-whose decoded RGB pixels equal an image of the given test set (JSONL, parquet or a shard
-directory); the number removed and their keys are recorded in the manifest.
+whose decoded RGB pixels equal an image of the given test set (JSONL, parquet files / glob / BLINK
+hub folder, or a shard directory); the number removed and their keys are recorded in the manifest.
+JSONL image paths are read only inside the image root (``inside_root``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .schema import DECLARED_MEMBER_RE, IMAGE_MEMBER_RE, DataError, decode_image, sanitize_key, validate_record
+from .tasks import canonical_task
+from .index import INDEX_SUFFIX, scan_shard, write_index
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +124,8 @@ class SplitWriter:
             raise DataError(f"shard_size must be >= 1, got {shard_size}")
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.split = out_dir, split
-        for name in os.listdir(out_dir):  # stale shards of an earlier, larger write
-            if re.fullmatch(rf"{re.escape(split)}-\d{{5}}\.tar", name):
+        for name in os.listdir(out_dir):  # stale shards (and their indexes) of an earlier, larger write
+            if re.fullmatch(rf"{re.escape(split)}-\d{{5}}\.tar({re.escape(INDEX_SUFFIX)})?", name):
                 os.remove(os.path.join(out_dir, name))
         self.shards: list[dict] = []
         self.tasks: dict[str, int] = {}
@@ -139,8 +142,13 @@ class SplitWriter:
         if self._in_shard == 0:
             os.remove(fname)  # ShardWriter opens a first shard eagerly
             return
+        sha = sha256_file(fname)
         self.shards.append({"name": os.path.basename(fname), "count": self._in_shard,
-                            "sha256": sha256_file(fname), "bytes": os.path.getsize(fname)})
+                            "sha256": sha, "bytes": os.path.getsize(fname)})
+        index, _ = scan_shard(fname, sha)  # member offsets -> <shard>.idx.json (reads the tar headers only)
+        if len(index) != self._in_shard or index.error:
+            raise DataError(f"{fname}: internal: indexed {len(index)} samples, wrote {self._in_shard}")
+        write_index(fname, index)
         self._in_shard = 0
 
     def write(self, key: str, record: dict, images: list[tuple[bytes, str]]) -> None:
@@ -222,11 +230,25 @@ def _read_jsonl_lines(path: str) -> Iterator[tuple[str, dict]]:
             yield where, obj
 
 
+def inside_root(root: str, p: str, where: str, what: str = "image") -> str:
+    """``p`` (relative to ``root``, or absolute) as a real path that lies inside ``root`` after
+    resolving symlinks; a path that leaves it (``../``, absolute, a symlink out) is refused."""
+    real_root = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(real_root, p))
+    if os.path.commonpath([real_root, full]) != real_root:
+        raise DataError(f"{where}: {what} {p!r} resolves to {full!r}, outside the image root {real_root!r}; "
+                        "refused (images are read only inside --image-root)")
+    return full
+
+
 def iter_jsonl(path: str, image_root: str | None = None) -> Iterator[dict]:
     """Sample dicts from a JSONL manifest: one object per line with task, question, choices,
     answer, images (paths relative to ``image_root``, default the JSONL's folder), optional key
-    (default ``<file stem>-<line>``) and meta."""
+    (default ``<file stem>-<line>``) and meta. Images are read only inside ``image_root`` (after
+    resolving symlinks): ``../``, absolute paths or symlinks leading out of it are refused."""
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(root):
+        raise DataError(f"{path}: image root {root!r} is not a folder")
     stem = re.sub(r"[^A-Za-z0-9_\-]+", "_", os.path.splitext(os.path.basename(path))[0])
     for where, obj in _read_jsonl_lines(path):
         lineno = int(where.rsplit(":", 1)[1])
@@ -237,7 +259,7 @@ def iter_jsonl(path: str, image_root: str | None = None) -> Iterator[dict]:
             raise DataError(f"{where}: 'images' must be a list of paths")
         images = []
         for p in paths:
-            full = p if os.path.isabs(p) else os.path.join(root, p)
+            full = inside_root(root, p, where)
             if not os.path.isfile(full):
                 raise DataError(f"{where}: image {p!r} not found under {root!r}")
             with open(full, "rb") as f:
@@ -267,7 +289,7 @@ def _cell_bytes(cell: Any, base_dir: str, where: str) -> bytes | None:
             return bytes(cell["bytes"])
         p = cell.get("path")
         if p:
-            full = p if os.path.isabs(p) else os.path.join(base_dir, p)
+            full = inside_root(base_dir, p, where, "image struct path")  # the parquet's own folder only
             if os.path.isfile(full):
                 with open(full, "rb") as f:
                     return f.read()
@@ -277,13 +299,14 @@ def _cell_bytes(cell: Any, base_dir: str, where: str) -> bytes | None:
 
 
 def _task_name(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", str(s).lower()).strip("_")
+    return canonical_task(s)  # BLINK's Object_Localization -> localization (data/tasks.py)
 
 
 def iter_parquet(paths: list[str], task: str | None = None, batch_rows: int = 32) -> Iterator[dict]:
     """Sample dicts from BLINK-style parquet files: ``image_1..image_4`` (encoded bytes or HF
     ``{"bytes","path"}`` structs, null when absent), ``question``, ``choices`` (list of str),
-    ``answer`` ("(A)"), ``sub_task`` (-> task, lower-cased with '_'), ``idx`` (-> key) if present.
+    ``answer`` ("(A)"), ``sub_task`` (-> task: data/tasks.py's canonical name, e.g.
+    Object_Localization -> localization), ``idx`` (-> key) if present.
     ``prompt``/``explanation`` columns are kept in meta."""
     import pyarrow.parquet as pq
 
@@ -350,10 +373,27 @@ def choose_val(keys: list[str], fraction: float, seed: int) -> set[str]:
 
 
 def pixel_hashes_of(path: str, image_root: str | None = None) -> set[str]:
-    """Pixel hashes of every image of a test set: a JSONL manifest, a parquet file, or a shard
+    """Pixel hashes of every image of a test set: a JSONL manifest, parquet file(s) (a file, a glob
+    pattern, or a BLINK hub folder: its ``*/val-*.parquet`` and ``*/test-*.parquet``), or a shard
     directory (all splits of its manifest.json) / single .tar."""
     hashes: set[str] = set()
-    if os.path.isdir(path) or path.endswith(".tar"):
+    is_shards = path.endswith(".tar") or os.path.isfile(os.path.join(path, MANIFEST))
+    if not is_shards and (os.path.isdir(path) or path.endswith(".parquet") or any(c in path for c in "*?[")):
+        from .blink import resolve_parquet
+
+        try:
+            files, _ = resolve_parquet([path], splits=("val", "test"))
+        except DataError as exc:
+            if not os.path.isdir(path):
+                raise
+            raise DataError(f"{path}: --dedup-against folder is neither a shard folder (no {MANIFEST}) nor a "
+                            f"BLINK hub folder ({exc})") from None
+        for s in iter_parquet(files, task="dedup"):
+            for i, im in enumerate(s["images"]):
+                hashes.add(pixel_hash(encode_image(im, f"{s['_where']}:image {i}")[2]))
+        log.info("dedup: %d distinct test images in %d parquet file(s) of %s", len(hashes), len(files), path)
+        return hashes
+    if is_shards:
         import tarfile
 
         if os.path.isdir(path):
@@ -372,11 +412,9 @@ def pixel_hashes_of(path: str, image_root: str | None = None) -> set[str]:
                     if ti.isreg() and m_:
                         data = tf.extractfile(ti).read()
                         hashes.add(pixel_hash(decode_image(data, m_.group(2), f"{t}:{ti.name}")))
-    elif path.endswith(".parquet"):
-        for s in iter_parquet([path]):
-            for i, im in enumerate(s["images"]):
-                hashes.add(pixel_hash(encode_image(im, f"{s['_where']}:image {i}")[2]))
     else:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: --dedup-against not found")
         for s in iter_jsonl(path, image_root):
             for i, im in enumerate(s["images"]):
                 hashes.add(pixel_hash(encode_image(im, f"{s['_where']}:image {i}")[2]))
@@ -385,14 +423,21 @@ def pixel_hashes_of(path: str, image_root: str | None = None) -> set[str]:
 
 
 def convert(samples: Callable[[], Iterable[dict]], keys: list[str], out_dir: str, *, split: str = "train",
-            shard_size: int = 256, val_fraction: float = 0.0, seed: int = 0, dedup_against: str | None = None,
-            dedup_image_root: str | None = None, source: dict | None = None, progress: bool = True) -> dict:
-    """Stream sample dicts once into ``split`` (+ "val" when val_fraction > 0); returns the manifest."""
+            shard_size: int = 256, val_fraction: float = 0.0, seed: int = 0,
+            dedup_against: str | list[str] | None = None, dedup_image_root: str | None = None,
+            source: dict | None = None, revision: str | None = None, progress: bool = True) -> dict:
+    """Stream sample dicts once into ``split`` (+ "val" when val_fraction > 0); returns the manifest.
+    ``source`` and ``revision`` go to the manifest's top level (evaluation copies both into its
+    results' provenance) and ``source`` also to ``build``. ``dedup_against``: one test set or a
+    list of them (see ``pixel_hashes_of``)."""
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise DataError(f"duplicate keys in the input: {dup}")
     val_keys = choose_val(keys, val_fraction, seed) if val_fraction > 0 else set()
-    test_hashes = pixel_hashes_of(dedup_against, dedup_image_root) if dedup_against else set()
+    against = [dedup_against] if isinstance(dedup_against, str) else list(dedup_against or [])
+    test_hashes: set[str] = set()
+    for a in against:
+        test_hashes |= pixel_hashes_of(a, dedup_image_root)
     writers = {split: SplitWriter(out_dir, split, shard_size)}
     if val_keys:
         writers["val"] = SplitWriter(out_dir, "val", shard_size)
@@ -414,15 +459,18 @@ def convert(samples: Callable[[], Iterable[dict]], keys: list[str], out_dir: str
         entry["dedup_removed"] = len(removed[name])
         manifest["splits"][name] = entry
     manifest["build"] = {"source": source or {}, "seed": seed, "val_fraction": val_fraction, "shard_size": shard_size}
-    if dedup_against:
+    manifest["source"] = source or {}
+    manifest["revision"] = revision
+    if against:
         manifest["dedup"] = {
-            "against": os.path.abspath(dedup_against), "test_images": len(test_hashes),
+            "against": os.path.abspath(against[0]) if len(against) == 1 else [os.path.abspath(a) for a in against],
+            "test_images": len(test_hashes),
             "method": "sha256 of RGB pixels",
             "removed": {k: len(v) for k, v in removed.items()},
             "removed_keys": {k: v[:1000] for k, v in removed.items()},
         }
         n = sum(len(v) for v in removed.values())
-        log.info("dedup: removed %d samples whose images appear in %s", n, dedup_against)
+        log.info("dedup: removed %d samples whose images appear in %s", n, ", ".join(against))
     write_manifest(out_dir, manifest)
     for name, entry in entries.items():
         log.info("wrote %d %s samples in %d shards to %s", entry["total"], name, len(entry["shards"]), out_dir)
@@ -437,14 +485,27 @@ def convert_jsonl(jsonl: str, image_root: str | None, out_dir: str, **opts) -> d
                    source={"jsonl": os.path.abspath(jsonl)}, **opts)
 
 
-def convert_parquet(paths: list[str] | str, out_dir: str, task: str | None = None, **opts) -> dict:
-    """BLINK-style parquet file(s) -> shards (options as in `convert`)."""
-    paths = [paths] if isinstance(paths, str) else list(paths)
-    for p in paths:
-        if not os.path.isfile(p):
-            raise DataError(f"{p}: parquet file not found")
-    return convert(lambda: iter_parquet(paths, task), _parquet_keys(paths), out_dir,
-                   source={"parquet": [os.path.abspath(p) for p in paths]}, **opts)
+def convert_parquet(paths: list[str] | str, out_dir: str, task: str | None = None, *, parquet_split: str = "val",
+                    revision: str | None = None, **opts) -> dict:
+    """BLINK-style parquet -> shards (options as in `convert`). ``paths``: parquet files, glob
+    patterns and/or BLINK hub folders, of which ``parquet_split`` ("val" or "test") picks
+    ``<Sub_Task>/<parquet_split>-*.parquet``. The files' sha256 sums and the dataset revision
+    (``revision``, else the hub copy's git/hub-cache commit when there is one) go to the manifest."""
+    from .blink import parquet_provenance, resolve_parquet
+
+    if parquet_split not in ("val", "test"):
+        raise DataError(f"parquet_split must be 'val' or 'test', got {parquet_split!r}")
+    files, folders = resolve_parquet(paths, splits=(parquet_split,))
+    prov = parquet_provenance(files, folders, split=parquet_split, revision=revision)
+
+    def samples():
+        for s in iter_parquet(files, task):
+            if str(s["answer"]).strip().lower() == "hidden":
+                raise DataError(f"{s['_where']}: answer is 'hidden' (BLINK's test split keeps its answers on "
+                                "EvalAI); convert --parquet-split val, the split the paper reports")
+            yield s
+
+    return convert(samples, _parquet_keys(files), out_dir, source=prov["source"], revision=prov["revision"], **opts)
 
 
 def verify_shards(out_dir: str) -> list[str]:

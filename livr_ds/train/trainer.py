@@ -23,7 +23,7 @@ import yaml
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .. import generate
+from .. import evaluate, generate
 from ..config import ConfigError, ExperimentConfig
 from ..data.collate import LivrCollator
 from ..data.reader import LivrLoader, ShardSource
@@ -106,6 +106,10 @@ class Trainer:
             config=ds,
             lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, plan.warmup_steps, plan.total_steps),
         )
+        if getattr(self.engine, "managed_gradient_accumulation", lambda: True)():
+            raise ConfigError(f"DeepSpeed {deepspeed.__version__} steps on its own micro-step counter "
+                              "(no managed_gradient_accumulation: false); livr-ds owns the step boundary and is "
+                              "tested with the version setup.py pins")
         self.state = {"epoch": 0, "global_step": 0, "best_val": None, "best_epoch": None, "wandb_id": None,
                       "metrics_lines": 0, "bad_samples": 0}
         self.resumed_rng = None
@@ -193,8 +197,9 @@ class Trainer:
         if self.resumed_rng is not None:  # last, so nothing in set-up consumes the restored stream
             checkpoint.set_rng_state(self.resumed_rng)
         cfg, st, plan = self.cfg, self.state, self.plan
-        log.info("stage %d (%s mask): %d epochs x %d micro-batches/rank = %d optimizer steps, world %d",
-                 cfg.stage, self.policy, self.epochs, len(self.loader), plan.total_steps, dist.world_size())
+        log.info("stage %d (%s mask, %s attention, %s on %s): %d epochs x %d micro-batches/rank = %d optimizer steps, "
+                 "world %d", cfg.stage, self.policy, self.backbone.model.backend, cfg.model.dtype, self.device,
+                 self.epochs, len(self.loader), plan.total_steps, dist.world_size())
         done = st["epoch"] * len(self.loader) + self.loader.state_dict()["batches_consumed"]
         bar = tqdm(total=self.epochs * len(self.loader), initial=done,
                    disable=not (dist.is_main() and cfg.logging.progress_bar), desc=f"stage {cfg.stage}", unit="batch")
@@ -325,31 +330,18 @@ class Trainer:
         self.save()
 
     def validate(self) -> dict:
-        """Greedy answers on this rank's share of the validation split, gathered on every rank."""
+        """Accuracy on the validation split: the eval CLI's loop (evaluate.evaluate, KV-cached greedy
+        answers), each rank a share, gathered on every rank. With data.val_max_samples, the first N
+        of a fixed seeded shuffle: the same mixed subset every epoch and at any world size.
+        Validation measures the model as it will be used: the standard mask (the paper evaluates
+        with plain causal attention after both stages)."""
         cfg = self.cfg
-        collator = LivrCollator(self.backbone.adapter, self.backbone.processor, self.backbone.latent_ids,
-                                cfg.data.max_tokens, "error", with_answer=False)
-        # Shuffled with a fixed epoch, so val_max_samples takes the same mixed subset every time.
-        loader = self._loader(cfg.data.val, cfg.data.val_split, max(cfg.optim.micro_batch_size, 4),
-                              collate_fn=None, shuffle=True)
-        records, seen = [], 0
-        self.engine.eval()
-        for samples in loader:
-            real = [s for s in samples if not s.is_pad]
-            if cfg.data.val_max_samples:
-                real = real[: max(0, cfg.data.val_max_samples // dist.world_size() - seen)]
-            seen += len(real)
-            if real:
-                preds = generate.greedy_answers(self.engine.module, collator, real, self.policy_for_eval())
-                records += generate.score(real, preds)
-        self.engine.train()
-        gathered = [r for part in dist.gather_objects(records) for r in part]
-        return generate.accuracy_by_task(gathered)
-
-    def policy_for_eval(self) -> str:
-        # Validation measures the model as it will be used: the standard mask (the paper
-        # evaluates with plain causal attention after both stages).
-        return "standard"
+        records, _ = evaluate.evaluate(
+            self.backbone, cfg.data.val, "standard", split=cfg.data.val_split,
+            batch_size=max(cfg.optim.micro_batch_size, 4), max_samples=cfg.data.val_max_samples,
+            max_tokens=cfg.data.max_tokens, num_workers=cfg.data.num_workers, seed=cfg.seed,
+            on_error=cfg.data.on_error, rank=dist.rank(), world_size=dist.world_size())
+        return evaluate.gather_accuracy(records)
 
     def save(self) -> None:
         """A resume checkpoint of the current step (collective). At most one per step."""
