@@ -434,3 +434,27 @@ def test_collectives_use_the_device_their_backend_needs():
             if name.endswith(".py") and path != helper:
                 offenders += [f"{path}: {m.group(0)}" for m in direct.finditer(open(path).read())]
     assert not offenders, offenders
+
+
+def test_bad_samples_are_counted_over_all_ranks(tmp_path, demo_data, tiny_dirs):
+    """data.on_error: skip at 2 ranks: the checkpoint and the log carry the bad samples of every
+    rank, not rank 0's alone."""
+    import glob
+    import shutil
+    import tarfile
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    damaged = []
+    for shard in sorted(glob.glob(str(data / "*" / "train-*.tar")))[:2]:  # one sample of each task
+        with tarfile.open(shard) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith((".png", ".jpg", ".jpeg")))
+        with open(shard, "r+b") as f:  # same size, so the shard's index stays valid; the image does not
+            f.seek(member.offset_data)
+            f.write(b"\0" * 64)  # no image format left to recognise
+        damaged.append(member.name.split(".")[0])
+    out, r = train(tmp_path, "bad", str(data), tiny_dirs["qwen2_5_vl"], nproc=2,
+                   sets=["data.on_error=skip", "schedule.stage1_epochs=1", "data.val=[]"])
+    state = json.loads((out / "stage1" / "checkpoints" / tags(out / "stage1")[-1] / "trainer_state.json").read_text())
+    assert state["loader_stats"]["bad"] == state["bad_samples"] == len(damaged) == 2
+    assert "2 bad samples skipped so far (all ranks" in r.stderr

@@ -58,8 +58,8 @@ Errors: on_error="raise" -> DataError "<shard>:<key>: what is wrong" (corrupt or
     manifest). A tar cut inside a member affects only the sample it cuts (a short read): every
     complete sample before the cut is read normally. on_error="skip" -> the bad sample is
     replaced by a copy of a good sample of the same batch (or the worker's previous one), marked
-    ``_pad`` and ``_replaces``, counted in ``stats["bad"]`` and logged: batch counts stay equal
-    across ranks.
+    ``_pad`` and ``_replaces``, counted once in ``stats["bad"]`` (a padding slot repeating it is
+    not counted again) and logged: batch counts stay equal across ranks.
 
 Position: ``state_dict()`` = {"epoch", "batches_consumed", "samples_consumed" (global),
     "world_size", "batch_size", "fingerprint", ...}, counting only batches handed to the
@@ -410,7 +410,9 @@ class _EpochDataset(IterableDataset):
             bad_slots = {j for j, _, _ in bad}
             info = {"epoch": self.epoch, "batch": b, "n_pad": sum(pad for _, _, pad in reqs),
                     "n_real": sum(1 for j, (_, _, pad) in enumerate(reqs) if not pad and j not in bad_slots),
-                    "bad": [(key, msg) for _, key, msg in bad], "bytes_read": bytes_read() - reported}
+                    # a padding slot that repeats a bad sample is replaced too, but not counted twice
+                    "bad": [(key, msg) for j, key, msg in bad if not reqs[j][2]],
+                    "bytes_read": bytes_read() - reported}
             reported += info["bytes_read"]
             yield c["collate_fn"](samples), info
 
