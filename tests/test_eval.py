@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from livr_ds import evaluate, probes, segments
+from livr_ds import eval_cli, evaluate, probes, segments
 from livr_ds.answers import is_correct, parse_choice, parse_count
 from tests.conftest import ROOT
 
@@ -107,7 +107,7 @@ def full_export(tiny_dirs, tmp_path_factory):
 
 def eval_args(argv):
     p = argparse.ArgumentParser()
-    evaluate.add_eval_arguments(p)
+    eval_cli.add_eval_arguments(p)
     return p.parse_args(argv)
 
 
@@ -317,7 +317,7 @@ def test_max_tokens_defaults_to_the_exports(lora_export, demo, tmp_path):
     with open(os.path.join(lora_export, "livr.json")) as f:
         assert json.load(f)["max_tokens"] == 512
     common = ["--data", demo, "--mode", "standard", "--max-samples", "2", "--max-new-tokens", "1"]
-    res = evaluate.run(eval_args(["--ckpt", lora_export, *common, "--out", str(tmp_path / "a.json")]))
+    res = eval_cli.run(eval_args(["--ckpt", lora_export, *common, "--out", str(tmp_path / "a.json")]))
     assert res["provenance"]["max_tokens"] == 512
     small = str(tmp_path / "small")
     shutil.copytree(lora_export, small)
@@ -326,8 +326,8 @@ def test_max_tokens_defaults_to_the_exports(lora_export, demo, tmp_path):
     with open(os.path.join(small, "livr.json"), "w") as f:
         json.dump({**meta, "max_tokens": 40}, f)  # below every demo prompt
     with pytest.raises(SampleTooLong, match="max_tokens=40"):
-        evaluate.run(eval_args(["--ckpt", small, *common, "--out", str(tmp_path / "b.json")]))
-    res = evaluate.run(eval_args(["--ckpt", small, *common, "--max-tokens", "600", "--out", str(tmp_path / "c.json")]))
+        eval_cli.run(eval_args(["--ckpt", small, *common, "--out", str(tmp_path / "b.json")]))
+    res = eval_cli.run(eval_args(["--ckpt", small, *common, "--max-tokens", "600", "--out", str(tmp_path / "c.json")]))
     assert res["provenance"]["max_tokens"] == 600
 
 
@@ -361,7 +361,7 @@ def test_zero_shot_results_file_and_provenance(tiny_dirs, demo, tmp_path, monkey
 
     monkeypatch.setattr(dist, "init", no_process_group)
     out = str(tmp_path / "zs.json")
-    res = evaluate.run(eval_args(["--base-model", tiny_dirs["qwen2_5_vl"], "--family", "qwen2_5_vl", "--data", demo,
+    res = eval_cli.run(eval_args(["--base-model", tiny_dirs["qwen2_5_vl"], "--family", "qwen2_5_vl", "--data", demo,
                                   "--mode", "standard", "--out", out, "--batch-size", "4", "--max-new-tokens", "3"]))
     with open(out) as f:
         saved = json.load(f)
@@ -377,8 +377,8 @@ def test_zero_shot_results_file_and_provenance(tiny_dirs, demo, tmp_path, monkey
     with open(os.path.join(demo, "manifest.json"), "rb") as f:
         assert prov["data"][0]["manifest_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert prov["pixels"]["min_pixels"] == 28 * 28 * 4 and prov["pixels"]["max_pixels"] == 112 * 112
-    records = read_jsonl(evaluate.predictions_path(out))
-    assert saved["predictions"] == os.path.basename(evaluate.predictions_path(out))
+    records = read_jsonl(eval_cli.predictions_path(out))
+    assert saved["predictions"] == os.path.basename(eval_cli.predictions_path(out))
     assert [r["index"] for r in records] == list(range(10))
     assert len({r["key"] for r in records}) == 10
     assert saved["parse_failures"]["total"] == sum(r["parsed"] is None for r in records)
@@ -390,7 +390,7 @@ def test_zero_shot_results_file_and_provenance(tiny_dirs, demo, tmp_path, monkey
 
 def test_merged_export_evaluates_and_records_checkpoint(full_export, demo, tmp_path):
     out = str(tmp_path / "full.json")
-    evaluate.run(eval_args(["--ckpt", full_export, "--data", demo, "--mode", "bottleneck", "--out", out,
+    eval_cli.run(eval_args(["--ckpt", full_export, "--data", demo, "--mode", "bottleneck", "--out", out,
                             "--batch-size", "5", "--max-new-tokens", "2", "--max-samples", "4", "--name", "full"]))
     with open(out) as f:
         saved = json.load(f)
@@ -406,10 +406,10 @@ def test_likelihood_scoring_is_forced_choice(lora_export, demo, tmp_path):
     (== minus the model's own answer NLL x answer tokens); the best option is the prediction;
     open-ended samples are still generated."""
     out = str(tmp_path / "lik.json")
-    res = evaluate.run(eval_args(["--ckpt", lora_export, "--data", demo, "--mode", "bottleneck", "--out", out,
+    res = eval_cli.run(eval_args(["--ckpt", lora_export, "--data", demo, "--mode", "bottleneck", "--out", out,
                                   "--scoring", "likelihood", "--batch-size", "4", "--max-new-tokens", "2"]))
     assert res["scoring"] == "likelihood" and res["provenance"]["generation"]["scoring"] == "likelihood"
-    records = read_jsonl(evaluate.predictions_path(out))
+    records = read_jsonl(eval_cli.predictions_path(out))
     mc = [r for r in records if r["task"] == "localization"]
     assert len(mc) == 5 and all(len(r["option_loglik"]) == 2 and r["parsed"] in "AB" for r in mc)
     assert res["parse_failures"]["per_task"]["localization"] == 0
@@ -434,7 +434,7 @@ def test_two_ranks_equal_one_process(lora_export, demo, tmp_path):
     common = ["--ckpt", lora_export, "--data", demo, "--mode", "standard", "--batch-size", "4",
               "--max-new-tokens", "3", "--probe", "attention", "--probe-images", "1"]
     single = str(tmp_path / "single.json")
-    evaluate.run(eval_args(common + ["--out", single]))
+    eval_cli.run(eval_args(common + ["--out", single]))
     multi = str(tmp_path / "multi.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
@@ -442,7 +442,7 @@ def test_two_ranks_equal_one_process(lora_export, demo, tmp_path):
                         "--out", multi], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
                        check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    a, b = read_jsonl(evaluate.predictions_path(single)), read_jsonl(evaluate.predictions_path(multi))
+    a, b = read_jsonl(eval_cli.predictions_path(single)), read_jsonl(eval_cli.predictions_path(multi))
     # 10 samples on 2 ranks x 4: 6 padded duplicates were dropped, each sample exactly once.
     assert len(b) == 10 and [x["index"] for x in b] == list(range(10))
     for x, y in zip(a, b):
@@ -485,7 +485,7 @@ def test_max_samples_is_a_fixed_mix_of_tasks(tmp_path):
 def test_probe_equals_direct_computation(lora_export, demo, tmp_path):
     """The probe's mean (batched, padded) == a per-sample computation with explicit loops."""
     out = str(tmp_path / "probe.json")
-    res = evaluate.run(eval_args(["--ckpt", lora_export, "--data", demo, "--mode", "standard", "--out", out,
+    res = eval_cli.run(eval_args(["--ckpt", lora_export, "--data", demo, "--mode", "standard", "--out", out,
                                   "--batch-size", "3", "--max-new-tokens", "2", "--max-samples", "5",
                                   "--probe", "attention", "--probe-images", "2"]))
     backbone = evaluate.load_model(lora_export, attn_backend="eager")
@@ -516,7 +516,7 @@ def test_probe_equals_direct_computation(lora_export, demo, tmp_path):
         per_sample.append(s_sum / s_n)
     assert res["probe"]["answer_to_latent"] == pytest.approx(total / count, rel=1e-4)
     assert res["probe"]["answer_to_latent_per_latent"] == pytest.approx(total / count / K, rel=1e-4)
-    records = read_jsonl(evaluate.predictions_path(out))
+    records = read_jsonl(eval_cli.predictions_path(out))
     assert [r["answer_to_latent"] for r in records] == pytest.approx(per_sample, rel=1e-4)
     pngs = sorted(os.listdir(res["probe"]["heatmaps"]))
     assert len(pngs) == 2 and all(p.endswith(".png") for p in pngs)

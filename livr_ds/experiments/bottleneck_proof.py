@@ -189,8 +189,8 @@ FORCED = "forced choice"
 def eval_run(stage2: str, data: str, results_dir: str, run: str, name: str, mode: str, n_test: int,
              scoring: str, probe: bool, probe_images: int) -> tuple[str, dict]:
     """One evaluation through launch/eval.py's argument parser and code (in this process)."""
-    from ..evaluate import add_eval_arguments
-    from ..evaluate import run as run_eval
+    from ..eval_cli import add_eval_arguments
+    from ..eval_cli import run as run_eval
 
     p = argparse.ArgumentParser()
     add_eval_arguments(p)
