@@ -87,7 +87,7 @@ def demo(tmp_path_factory):
 def _export(tiny_dir, out, trainable):
     from livr_ds.config import load_config
     from livr_ds.modeling import build_backbone
-    from livr_ds.train.checkpoint import save_export
+    from livr_ds.export import save_export
 
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
                       [f"model.path={tiny_dir}", f"latents.num={K}", f"model.trainable={trainable}", "stage=2"])
@@ -197,6 +197,8 @@ def test_cached_generation_equals_recompute(tiny_dirs, demo, family, backend):
     whose rows end at different steps; and it runs the vision tower once per call."""
     from livr_ds import generate
 
+    if backend == "flex":  # transformers compiles flex; recompiling for another model in the same
+        torch._dynamo.reset()  # process hits an inductor CPU codegen bug (cur_kvSplitSize8), see test_model
     backbone = _backbone(tiny_dirs[family], family, backend)
     model = backbone.model
     samples = _mixed_samples(demo, 4)

@@ -25,7 +25,7 @@ from livr_ds.data.collate import LivrCollator
 from livr_ds.data.schema import Sample
 from livr_ds.models import get_adapter
 from livr_ds.modeling import build_backbone
-from livr_ds.train import checkpoint
+from livr_ds import export
 from tests.conftest import TIED_FAMILIES, TINY_SPARE_ROWS
 
 K = 4
@@ -101,9 +101,9 @@ def trained(request, quirk_dirs, photos, tmp_path_factory):
     m.eval()
     with torch.no_grad():
         logits = m.logits(batch, "bottleneck")
-    export = checkpoint.save_export(bb, cfg, 1, str(tmp_path_factory.mktemp("export") / "final"))
+    export_dir = export.save_export(bb, cfg, 1, str(tmp_path_factory.mktemp("export") / "final"))
     return SimpleNamespace(family=family, tied=tied, path=path, cfg=cfg, bb=bb, before=before, embed0=embed0,
-                           head0=head0, batch=batch, logits=logits, export=export)
+                           head0=head0, batch=batch, logits=logits, export=export_dir)
 
 
 @pytest.mark.parametrize("family,tied", CASES, ids=IDS)
@@ -173,10 +173,10 @@ def test_export_reloads_to_equal_logits(trained):
 
 def test_init_from_export_restores_the_trained_tensors(trained):
     fresh = build_backbone(trained.cfg, policy="bottleneck")
-    want = checkpoint.trainable_state(trained.bb.model.peft_model)
-    assert not all(torch.equal(v, checkpoint.trainable_state(fresh.model.peft_model)[k]) for k, v in want.items())
-    checkpoint.init_from_export(fresh, trained.cfg, trained.export)
-    got = checkpoint.trainable_state(fresh.model.peft_model)
+    want = export.trainable_state(trained.bb.model.peft_model)
+    assert not all(torch.equal(v, export.trainable_state(fresh.model.peft_model)[k]) for k, v in want.items())
+    export.init_from_export(fresh, trained.cfg, trained.export)
+    got = export.trainable_state(fresh.model.peft_model)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     with torch.no_grad():
         assert torch.equal(fresh.model.eval().logits(trained.batch, "bottleneck"), trained.logits)

@@ -280,6 +280,7 @@ def test_stage2_init_from_stage1_and_exports(tmp_path, demo_data, tiny_tied_dirs
     from livr_ds.config import load_config
     from livr_ds.data.collate import LivrCollator
     from livr_ds.data.reader import LivrLoader, ShardSource
+    from livr_ds import export
     from livr_ds.export import load_export
     from livr_ds.modeling import build_backbone
     from livr_ds.train import checkpoint
@@ -289,15 +290,15 @@ def test_stage2_init_from_stage1_and_exports(tmp_path, demo_data, tiny_tied_dirs
     # Stage 2 starts from Stage 1's exact adapter and latent rows.
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), base)
     bb = build_backbone(cfg, policy="standard")
-    fresh = checkpoint.trainable_state(bb.model.peft_model)
-    checkpoint.init_from_export(bb, cfg, stage1)
-    loaded = checkpoint.trainable_state(bb.model.peft_model)
+    fresh = export.trainable_state(bb.model.peft_model)
+    export.init_from_export(bb, cfg, stage1)
+    loaded = export.trainable_state(bb.model.peft_model)
     assert_same_tensors(loaded, adapter(stage1))
     assert not all(torch.equal(fresh[k], loaded[k]) for k in fresh)  # it really changed something
     # A different K is refused, naming it.
     bad = load_config(os.path.join(ROOT, "configs", "demo.yaml"), base[:1] + ["latents.num=2", "stage=2"])
     with pytest.raises(ValueError, match=r"latents.num \(K\) 4 vs 2"):
-        checkpoint.init_from_export(build_backbone(bad, policy="standard"), bad, stage1)
+        export.init_from_export(build_backbone(bad, policy="standard"), bad, stage1)
 
     # The export reloads with transformers + PEFT alone and gives the engine's logits: the
     # engine's final weights are the last resume checkpoint's trainable tensors.
@@ -371,8 +372,8 @@ def test_ds_config_auto_fields_and_inconsistent_batches(tmp_path):
 def test_full_model_export_round_trips_through_init_from(tmp_path, tiny_dirs):
     """model.trainable: all (tiny models from scratch) exports a whole transformers checkpoint."""
     from livr_ds.config import load_config
+    from livr_ds import export
     from livr_ds.modeling import build_backbone
-    from livr_ds.train import checkpoint
 
     sets = [f"model.path={tiny_dirs['qwen2_5_vl']}", "model.trainable=all", "latents.num=4"]
     cfg1 = load_config(None, sets + ["stage=1"])
@@ -380,10 +381,10 @@ def test_full_model_export_round_trips_through_init_from(tmp_path, tiny_dirs):
     with torch.no_grad():
         for p in trained.model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    checkpoint.save_export(trained, cfg1, 1, str(tmp_path / "export"))
+    export.save_export(trained, cfg1, 1, str(tmp_path / "export"))
     cfg2 = load_config(None, sets + ["stage=2"])
     fresh = build_backbone(cfg2, policy="standard")
-    checkpoint.init_from_export(fresh, cfg2, str(tmp_path / "export"))
+    export.init_from_export(fresh, cfg2, str(tmp_path / "export"))
     want = trained.model.hf_model.state_dict()
     got = fresh.model.hf_model.state_dict()
     assert want.keys() == got.keys()

@@ -1,12 +1,9 @@
-"""Checkpoints, three kinds, each written to a temporary directory and renamed into place.
+"""Resume checkpoints `<stage dir>/checkpoints/step-XXXXXXXX/`: what the run needs to continue.
 
-- resume checkpoints  `<stage dir>/checkpoints/step-XXXXXXXX/`: the trainable tensors and their
-  Adam moments (world-size-free, see below), per-rank RNG state as JSON, and the trainer state
-  (data position, counters, best metric, metrics line count, wandb run id). A directory is
-  renamed into place only when complete; `--resume auto` takes the newest complete one.
-- exports  `<stage dir>/export/{best,final}/`: PEFT adapter (LoRA + latent rows), tokenizer with
-  the latent tokens, processor files, and livr.json; loadable with transformers + PEFT alone.
-- merged exports (`livr-ds export --merge`): a plain transformers checkpoint.
+The trainable tensors and their Adam moments (world-size-free, see below), per-rank RNG state as
+JSON, and the trainer state (data position, counters, best metric, metrics line count, wandb run
+id), written to a temporary directory and renamed into place only when complete; `--resume auto`
+takes the newest complete one. Exports (what a run produces for use) are livr_ds/export.py's.
 
 Nothing here unpickles: our own files are JSON and safetensors.
 """
@@ -22,9 +19,9 @@ import signal
 
 import numpy as np
 import torch
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from ..atomic import replace_dir, write_json_atomic
 from . import distributed as dist
 
 log = logging.getLogger(__name__)
@@ -47,26 +44,6 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), sig)
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _replace_dir(tmp: str, final: str) -> None:
-    """Swap a finished directory into place; the old one is removed only after the swap."""
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old-{os.getpid()}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---- RNG ------------------------------------------------------------------------------------
 
 def rng_state() -> dict:
@@ -87,32 +64,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     p = state["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
-
-
-# ---- trainable tensors ----------------------------------------------------------------------
-
-def is_peft(model) -> bool:
-    return isinstance(model, PeftModel)
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The tensors that train: PEFT's adapter state, or every trainable weight of a full fine-tune."""
-    if is_peft(model):
-        state = get_peft_model_state_dict(model)
-    else:
-        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
-
-
-def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
-    if is_peft(model):
-        result = set_peft_model_state_dict(model, tensors)
-        bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "trainable_tokens" in k]
-    else:
-        result = model.load_state_dict(tensors, strict=False)
-        bad = list(result.unexpected_keys)
-    if bad:
-        raise ValueError(f"checkpoint tensors did not match the model: {bad[:3]}")
 
 
 # ---- resume checkpoints ---------------------------------------------------------------------
@@ -292,12 +243,12 @@ def save_resume(engine, ckpt_root: str, tag: str, trainer_state: dict, keep_last
     if dist.is_main():
         save_file(weights, os.path.join(staged, TRAINABLE))
         save_file(moments or {"_none": torch.zeros(0)}, os.path.join(staged, OPTIMIZER))
-        _write_json_atomic(os.path.join(staged, TRAINER_STATE), {**trainer_state, "optimizer_step": opt_step})
+        write_json_atomic(os.path.join(staged, TRAINER_STATE), {**trainer_state, "optimizer_step": opt_step})
         sizes = {n: os.path.getsize(os.path.join(staged, n)) for n in sorted(os.listdir(staged))}
-        _write_json_atomic(os.path.join(staged, FILES), sizes)
-        _replace_dir(staged, final)
+        write_json_atomic(os.path.join(staged, FILES), sizes)
+        replace_dir(staged, final)
         shutil.rmtree(tmp_root, ignore_errors=True)
-        _write_json_atomic(os.path.join(ckpt_root, LATEST), {"tag": tag})  # for people; resume scans the dirs
+        write_json_atomic(os.path.join(ckpt_root, LATEST), {"tag": tag})  # for people; resume scans the dirs
         _prune(ckpt_root, keep_last, keep=final)
         log.info("saved resume checkpoint %s", final)
     dist.barrier()
@@ -341,116 +292,3 @@ def load_resume_weights(model, path: str) -> None:
             if name not in params:
                 raise CheckpointError(f"{os.path.join(path, TRAINABLE)}: {name} is not a parameter of the model")
             params[name].copy_(value.to(params[name].dtype))
-
-
-# ---- exports --------------------------------------------------------------------------------
-
-def base_fingerprint(hf_model, num_latent_rows: int, num_tokens: int | None = None) -> dict:
-    """What identifies the backbone a checkpoint belongs to (vocabulary size before latents).
-
-    The tokenizer's length, not the table's rows: released Qwen tables have spare rows beyond
-    the tokenizer (151,936 rows for ~151,665 tokens), and the latents take spare rows first."""
-    text = hf_model.config.get_text_config()
-    rows = hf_model.get_input_embeddings().weight.shape[0]
-    return {
-        "model_type": hf_model.config.model_type,
-        "hidden_size": text.hidden_size,
-        "num_hidden_layers": text.num_hidden_layers,
-        "base_vocab_size": (num_tokens if num_tokens is not None else rows) - num_latent_rows,
-    }
-
-
-def livr_metadata(cfg, backbone, stage: int) -> dict:
-    tok = backbone.processor.tokenizer
-    return {
-        "format": "livr-ds/1",
-        "family": cfg.model.family,
-        "base_model": backbone.path,
-        "backbone": base_fingerprint(backbone.model.hf_model, len(set(backbone.latent_ids)), len(tok)),
-        "latents": {"num": cfg.latents.num, "shared": cfg.latents.shared,
-                    "tokens": tok.convert_ids_to_tokens(backbone.latent_ids), "ids": backbone.latent_ids},
-        "stage": stage,
-        "policy": cfg.policy(stage),
-        "max_tokens": cfg.data.max_tokens,
-        "min_pixels": cfg.model.min_pixels,
-        "max_pixels": cfg.model.max_pixels,
-    }
-
-
-def save_export(backbone, cfg, stage: int, out_dir: str, extra: dict | None = None) -> str:
-    """Rank 0 only. PEFT adapter + tokenizer + processor files + livr.json, swapped in atomically."""
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    trained = backbone.model.peft_model
-    trained.save_pretrained(tmp)  # PEFT: the adapter; full fine-tuning: the whole model
-    if not is_peft(trained):
-        extra = {**(extra or {}), "merged": True}
-    processor = backbone.processor
-    processor.tokenizer.save_pretrained(tmp)
-    processor.image_processor.save_pretrained(tmp)
-    if processor.chat_template:
-        with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
-            f.write(processor.chat_template)
-    src_proc = os.path.join(backbone.path, "processor_config.json")
-    if os.path.exists(src_proc):
-        shutil.copy(src_proc, tmp)
-    _write_json_atomic(os.path.join(tmp, "livr.json"), {**livr_metadata(cfg, backbone, stage), **(extra or {})})
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    _replace_dir(tmp, out_dir)
-    log.info("exported %s", out_dir)
-    return out_dir
-
-
-def resolve_export(path: str, which: str = "final") -> str:
-    """An export directory, or a stage run directory (its export/<which>), or a run dir with stages."""
-    for candidate in (path, os.path.join(path, "export", which)):
-        if os.path.exists(os.path.join(candidate, "livr.json")):
-            return candidate
-    raise FileNotFoundError(
-        f"{path} is neither a livr-ds export (no livr.json) nor a stage run directory with export/{which}/"
-    )
-
-
-def read_livr_metadata(export_dir: str) -> dict:
-    with open(os.path.join(export_dir, "livr.json")) as f:
-        return json.load(f)
-
-
-def check_compatible(meta: dict, cfg, backbone) -> None:
-    """Refuse to continue from a checkpoint of another backbone or latent set, naming why."""
-    mine = livr_metadata(cfg, backbone, cfg.stage)
-    problems = []
-    if meta["family"] != mine["family"]:
-        problems.append(f"model.family {meta['family']!r} vs {mine['family']!r}")
-    if meta["backbone"] != mine["backbone"]:
-        problems.append(f"backbone {meta['backbone']} vs {mine['backbone']}")
-    if meta["latents"]["num"] != mine["latents"]["num"]:
-        problems.append(f"latents.num (K) {meta['latents']['num']} vs {mine['latents']['num']}")
-    if meta["latents"]["shared"] != mine["latents"]["shared"]:
-        problems.append(f"latents.shared {meta['latents']['shared']} vs {mine['latents']['shared']}")
-    elif meta["latents"]["tokens"] != mine["latents"]["tokens"]:
-        problems.append(f"latent tokens {meta['latents']['tokens']} vs {mine['latents']['tokens']}")
-    if problems:
-        raise ValueError("--init-from checkpoint does not match this experiment: " + "; ".join(problems))
-
-
-def init_from_export(backbone, cfg, path: str) -> str:
-    """Load Stage 1's LoRA + latent rows into a fresh backbone (fresh optimizer and schedule)."""
-    export_dir = resolve_export(path)
-    meta = read_livr_metadata(export_dir)
-    check_compatible(meta, cfg, backbone)
-    model = backbone.model.peft_model
-    if is_peft(model) != (not meta.get("merged")):
-        raise ValueError("--init-from: the checkpoint's model.trainable (LoRA adapter vs full weights) "
-                         "differs from this experiment's")
-    if is_peft(model):
-        # save_pretrained drops the adapter name from keys; set_peft_model_state_dict adds it back.
-        tensors = load_file(os.path.join(export_dir, "adapter_model.safetensors"))
-    else:
-        # A full export is a transformers checkpoint, saved under transformers' own key names:
-        # load it the way transformers does and take its state dict.
-        tensors = backbone.adapter.load_model(export_dir, dtype=model.dtype).state_dict()
-    load_trainable_state(model, tensors)
-    log.info("initialised from %s (stage %s, %s)", export_dir, meta["stage"], meta["policy"])
-    return export_dir

@@ -23,7 +23,7 @@ import yaml
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .. import evaluate, generate
+from .. import evaluate, export, generate
 from ..config import ConfigError, ExperimentConfig
 from ..data.collate import LivrCollator
 from ..data.reader import LivrLoader, ShardSource
@@ -83,7 +83,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.backbone = build_backbone(cfg, policy=self.policy, device=self.device, packed=cfg.data.packing)
-        self.init_from = checkpoint.init_from_export(self.backbone, cfg, init_from) if init_from else None
+        self.init_from = export.init_from_export(self.backbone, cfg, init_from) if init_from else None
         self.backbone.model.to(self.device)
         self.collator = LivrCollator(self.backbone.adapter, self.backbone.processor, self.backbone.latent_ids,
                                      cfg.data.max_tokens, cfg.data.too_long, packing=cfg.data.packing)
@@ -224,7 +224,7 @@ class Trainer:
                 return self._interrupted(bar)
         bar.close()
         if dist.is_main():
-            checkpoint.save_export(self.backbone, cfg, cfg.stage, os.path.join(self.out, "export", "final"),
+            export.save_export(self.backbone, cfg, cfg.stage, os.path.join(self.out, "export", "final"),
                                    extra={"epoch": st["epoch"], "global_step": st["global_step"]})
             with open(os.path.join(self.out, "DONE"), "w") as f:
                 f.write(f"{st['global_step']}\n")
@@ -323,7 +323,7 @@ class Trainer:
             if st["best_val"] is None or acc["mean"] > st["best_val"]:
                 st["best_val"], st["best_epoch"] = acc["mean"], st["epoch"]
                 if dist.is_main():
-                    checkpoint.save_export(self.backbone, self.cfg, self.cfg.stage,
+                    export.save_export(self.backbone, self.cfg, self.cfg.stage,
                                            os.path.join(self.out, "export", "best"),
                                            extra={"epoch": st["epoch"], "val_accuracy": acc["mean"]})
             dist.barrier()
