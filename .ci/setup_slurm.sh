@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what tests/test_slurm.py needs (Debian/Ubuntu): slurm-wlm (slurmctld, slurmd, sbatch,
 # srun, ...) and munge. Idempotent and quick when already installed; tests/slurm_cluster.py
-# starts private daemons itself, so nothing is enabled or started here. Needs root; without it
+# starts private daemons itself, so nothing is enabled or started here, and no SLURM config is
+# written: the fixture never reads /etc/slurm (a host's own slurm.conf, if any, is left alone and
+# ignored; the version is taken from `slurmd -V`). Needs root; without it
 # (or without apt-get) it says so and exits 0, and the SLURM tests skip with that reason.
 set -euo pipefail
 

@@ -8,7 +8,10 @@
 Everything lives under one private directory (/tmp/livr-ds-slurm-XXXX): slurm.conf, the munge
 key and socket, spool and state directories, pid and log files. Clients find the cluster through
 the ``SLURM_CONF`` environment variable (``cluster.env``), so nothing global (/etc/slurm,
-/run/munge, the default ports) is touched and a system SLURM, if any, is left alone. Several
+/run/munge, the default ports) is touched and a system SLURM, if any, is left alone. The host's
+own SLURM set-up is never read either: every SLURM command here (the daemons, ``slurmd -C``/``-V``,
+the clients) runs with ``SLURM_CONF`` pointing at this cluster's file, and the installed version
+(which decides what cgroup.conf may say) comes from ``slurmd -V``, which reads no config. Several
 sessions can run side by side; a session that died without tearing down is cleaned up by the
 next one (its daemons and job processes are found by pid file and by the SLURM_CONF in their
 environment, never by process name).
@@ -157,9 +160,11 @@ def _teardown_dir(root: str) -> None:
 
 # ---- the cluster ------------------------------------------------------------------------------
 
-def _node_line(host: str) -> str:
+def _node_line(host: str, conf: str) -> str:
     """slurmd -C's view of this machine, so the node config matches what slurmd detects."""
-    out = subprocess.run([_which("slurmd"), "-C"], capture_output=True, text=True, timeout=30).stdout
+    # SLURM_CONF: our (not yet written) file, so no host slurm.conf is consulted.
+    out = subprocess.run([_which("slurmd"), "-C"], capture_output=True, text=True, timeout=30,
+                         env=_private_env(conf)).stdout
     line = next((ln for ln in out.splitlines() if ln.startswith("NodeName=")), "")
     fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
     cpus = fields.get("CPUs", str(os.cpu_count() or 1))
@@ -176,10 +181,7 @@ class SlurmCluster:
         self.conf = os.path.join(root, "slurm.conf")
         self.host = socket.gethostname().split(".")[0]
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = {**os.environ, "SLURM_CONF": self.conf}
-        for var in [k for k in self.env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
-            if var != "SLURM_CONF":  # running inside a real allocation must not leak into this one
-                del self.env[var]
+        self.env = _private_env(self.conf)
 
     # ---- lifecycle --------------------------------------------------------------------
     @classmethod
@@ -239,6 +241,7 @@ class SlurmCluster:
             SchedulerType=sched/backfill
             SchedulerParameters=sched_interval=2
             MpiDefault=none
+            PlugStackConfig={r}/plugstack.conf
             SwitchType=switch/none
             AccountingStorageType=accounting_storage/none
             JobAcctGatherType=jobacct_gather/none
@@ -252,15 +255,19 @@ class SlurmCluster:
             SlurmdTimeout=60
             InactiveLimit=0
             Waittime=0
-            {_node_line(self.host)}
+            {_node_line(self.host, self.conf)}
             PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
         """
         with open(self.conf, "w") as f:
             f.write("\n".join(ln.strip() for ln in lines.strip().splitlines()) + "\n")
-        # A cgroup-less setup: the plugins above never read cgroup.conf, but an empty one stops
-        # slurmd from probing the host's cgroup mounts.
+        # Our own (empty) SPANK stack, so no plugin of a host's plugstack.conf is loaded.
+        open(os.path.join(r, "plugstack.conf"), "w").close()
+        # cgroup.conf always exists here (SLURM reads it next to SLURM_CONF, never the host's);
+        # what it may say depends on the installed version, see cgroup_conf().
+        self.version = slurm_version(self.conf)
+        self.cgroup_conf_text = cgroup_conf(self.version, plugin_dir())
         with open(os.path.join(r, "cgroup.conf"), "w") as f:
-            f.write("CgroupPlugin=disabled\n" if _slurm_version() >= (22, 5) else "")
+            f.write(self.cgroup_conf_text)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(os.path.join(self.root, "log", f"{name}.out"), "ab")
@@ -383,10 +390,109 @@ def _fields(line: str) -> dict[str, str]:
     return dict(m.groups() for m in re.finditer(r"(\w[\w:/]*)=(\S*)", line))
 
 
-def _slurm_version() -> tuple[int, int]:
+# ---- the installed SLURM, without reading any slurm.conf -----------------------------------------
+
+_CLIENT_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "SQUEUE_", "SINFO_", "SCONTROL_", "SCANCEL_")
+
+
+def _private_env(conf: str) -> dict[str, str]:
+    """os.environ with SLURM_CONF=conf and no other SLURM client variable (running inside a real
+    allocation, or a user's SQUEUE_FORMAT, must not leak into this cluster)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLIENT_PREFIXES)}
+    env["SLURM_CONF"] = conf
+    return env
+
+
+def _parse_version(text: str) -> tuple[int, int, int] | None:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
+
+
+def slurm_version(conf: str | None = None) -> tuple[int, int, int] | None:
+    """The installed SLURM as (major, minor, micro), e.g. (22, 5, 8); None if unknown.
+
+    `slurmd -V` / `slurmctld -V` print the version and exit before reading any config (unlike the
+    clients: `sbatch --version` loads slurm.conf and plugstack.conf first, so it answers from a
+    host's /etc/slurm, or, with none, falls back to a DNS SRV lookup that may retry for 60 s); they
+    run with SLURM_CONF at `conf` (our own, possibly not yet written, file) all the same. The
+    Debian package version is the fallback."""
+    env = _private_env(conf or os.devnull)
+    for daemon in ("slurmd", "slurmctld"):
+        path = _which(daemon)
+        if not path:
+            continue
+        try:
+            proc = subprocess.run([path, "-V"], capture_output=True, text=True, timeout=10, env=env,
+                                  stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        version = _parse_version(proc.stdout + proc.stderr) if proc.returncode == 0 else None
+        if version:
+            return version
+    if shutil.which("dpkg-query"):
+        for pkg in ("slurmd", "slurm-wlm"):
+            proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True,
+                                  timeout=10)
+            version = _parse_version(proc.stdout) if proc.returncode == 0 else None
+            if version:
+                return version
+    return None
+
+
+def plugin_dir() -> str | None:
+    """Where the installed SLURM's plugins are (the compiled-in PluginDir; found on disk, since
+    asking SLURM would mean reading a config). Debian: /usr/lib/<triplet>/slurm-wlm."""
+    daemon = _which("slurmd") or _which("slurmctld")
+    prefixes = [os.path.dirname(os.path.dirname(os.path.realpath(daemon)))] if daemon else []
+    prefixes += [p for p in ("/usr", "/usr/local", "/opt/slurm") if p not in prefixes]
+    for prefix in prefixes:
+        for pattern in ("lib/*/slurm-wlm", "lib/*/slurm", "lib64/slurm", "lib/slurm", "lib/slurm-wlm"):
+            for d in sorted(glob.glob(os.path.join(prefix, pattern))):
+                if os.path.exists(os.path.join(d, "proctrack_linuxproc.so")):
+                    return d
+    return None
+
+
+def _host_cgroup_plugin(mounts: str = "/proc/self/mounts") -> str | None:
+    """What CgroupPlugin=autodetect would pick on this host (SLURM's own rule): cgroup/v2 on a
+    unified (cgroup2) /sys/fs/cgroup, cgroup/v1 on a tmpfs one whose systemd hierarchy is v1."""
+    types = {}
     try:
-        out = subprocess.run([_which("sbatch"), "--version"], capture_output=True, text=True, timeout=10).stdout
-        major, minor = re.search(r"(\d+)\.(\d+)", out).groups()
-        return int(major), int(minor)
-    except Exception:
-        return (0, 0)
+        with open(mounts) as f:
+            for line in f:  # later mounts hide earlier ones at the same point
+                fields = line.split()
+                if len(fields) > 2:
+                    types[fields[1]] = fields[2]
+    except OSError:
+        return None
+    top = types.get("/sys/fs/cgroup")
+    if top == "cgroup2":
+        return "cgroup/v2"
+    if top == "tmpfs":
+        return {"cgroup": "cgroup/v1", "cgroup2": "cgroup/v2"}.get(types.get("/sys/fs/cgroup/systemd", ""))
+    return None
+
+
+_DETECT = object()
+
+
+def cgroup_conf(version: tuple[int, ...] | None, plugins: str | None, host_plugin=_DETECT) -> str:
+    """A cgroup.conf the installed SLURM accepts. Nothing in this cluster uses cgroups
+    (proctrack/linuxproc, task/none, jobacct_gather/none), so: no cgroup at all where the
+    version has that (`CgroupPlugin=disabled`, SLURM >= 23.02), else the plugin SLURM's
+    autodetection would load, named only if it is installed in `plugins` (22.05 has only
+    cgroup/v1, cgroup/v2 and autodetect: `disabled` is a fatal "cannot find cgroup plugin"),
+    else `autodetect`. Before 21.08 (no CgroupPlugin key) or for an unknown version: no
+    settings at all, SLURM's defaults, which every version accepts."""
+    shown = "%d.%02d.%d" % (tuple(version) + (0, 0, 0))[:3] if version else "(version unknown)"
+    head = f"# written by tests/slurm_cluster.py for SLURM {shown}\n"
+    if version is None or tuple(version[:2]) < (21, 8):
+        return head
+    if tuple(version[:2]) >= (23, 2):
+        return head + "CgroupPlugin=disabled\n"
+    if host_plugin is _DETECT:
+        host_plugin = _host_cgroup_plugin()
+    so = host_plugin and os.path.join(plugins or "", host_plugin.replace("/", "_") + ".so")
+    if so and plugins and os.path.exists(so):
+        return head + f"CgroupPlugin={host_plugin}\n"
+    return head + "CgroupPlugin=autodetect\n"

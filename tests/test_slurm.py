@@ -12,6 +12,8 @@ import glob
 import json
 import os
 import re
+import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -99,6 +101,144 @@ def test_submit_dry_run_and_stage1_skip(tmp_path):
     proc = subprocess.run(["bash", SUBMIT, "--config", DEMO, "--dry-run", "--set", "optim.lr=-1"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert proc.returncode == 2 and "optim.lr" in proc.stderr
+
+
+# ---- the fixture does not depend on the host's own SLURM set-up ---------------------------------
+
+def test_cgroup_conf_by_version_and_plugins(tmp_path):
+    """No cluster needed: cgroup.conf never names what the installed SLURM lacks."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "cgroup_v1.so").touch()
+
+    def body(version, host_plugin):
+        text = sc.cgroup_conf(version, str(plugins), host_plugin)
+        return [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+
+    assert body((23, 2, 0), "cgroup/v1") == body((24, 11, 1), None) == ["CgroupPlugin=disabled"]
+    assert body((22, 5, 8), "cgroup/v1") == ["CgroupPlugin=cgroup/v1"]  # 22.05 has no "disabled"
+    assert body((22, 5, 8), "cgroup/v2") == ["CgroupPlugin=autodetect"]  # cgroup_v2.so not installed
+    assert body((21, 8, 8), None) == ["CgroupPlugin=autodetect"]
+    assert body((20, 11, 9), "cgroup/v1") == body(None, "cgroup/v1") == []  # defaults: valid everywhere
+    mounts = tmp_path / "mounts"
+    for lines, want in ((["cgroup2 /sys/fs/cgroup cgroup2 rw 0 0"], "cgroup/v2"),
+                        (["tmpfs /sys/fs/cgroup tmpfs ro 0 0", "cgroup /sys/fs/cgroup/systemd cgroup rw 0 0",
+                          "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0"], "cgroup/v1"),
+                        (["tmpfs /sys/fs/cgroup tmpfs ro 0 0", "cgroup2 /sys/fs/cgroup/systemd cgroup2 rw 0 0"],
+                         "cgroup/v2"),
+                        (["proc /proc proc rw 0 0"], None)):
+        mounts.write_text("\n".join(lines) + "\n")
+        assert sc._host_cgroup_plugin(str(mounts)) == want, lines
+
+
+def test_installed_version_is_read_without_a_config():
+    """slurmd -V answers at once with no usable slurm.conf (the clients' --version would read
+    one, or wait 60 s for one); the cgroup.conf for it names only installed plugins."""
+    if sc.missing_binaries():
+        pytest.skip(f"SLURM not installed: {sc.missing_binaries()}")
+    t0 = time.time()
+    version = sc.slurm_version()
+    assert version and version >= (17, 0, 0) and time.time() - t0 < 5, version
+    if shutil.which("dpkg-query"):
+        pkg = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "slurmd"], capture_output=True, text=True)
+        if pkg.returncode == 0 and pkg.stdout:
+            assert sc._parse_version(pkg.stdout) == version, (pkg.stdout, version)
+    text = sc.cgroup_conf(version, sc.plugin_dir())
+    named = re.findall(r"^CgroupPlugin=(\S+)", text, re.M)
+    if version[:2] < (23, 2):
+        assert "disabled" not in named, text
+    for plugin in named:
+        assert plugin in ("disabled", "autodetect") or os.path.exists(
+            os.path.join(sc.plugin_dir(), plugin.replace("/", "_") + ".so")), text
+
+
+# A host that is a node of a real cluster: its /etc/slurm has a slurm.conf (whose controller this
+# machine cannot reach), a cgroup.conf and a plugstack.conf that would each break our cluster.
+HOST_SLURM_CONF = """\
+ClusterName=hostcluster
+SlurmctldHost=ctl-that-does-not-exist(192.0.2.1)
+AuthType=auth/munge
+NodeName=node-that-does-not-exist CPUs=1 State=UNKNOWN
+PartitionName=hostpart Nodes=node-that-does-not-exist Default=YES State=UP
+"""
+HOST_CGROUP_CONF = "CgroupPlugin=cgroup/does-not-exist\n"
+HOST_PLUGSTACK_CONF = "required /nonexistent/livr-host-spank.so\n"
+
+# Runs inside the private mount namespace: the fixture's detection and config, a cluster, a job.
+HOST_PROBE = r"""
+import json, os, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import slurm_cluster as sc
+rec = {"etc_slurm": sorted(os.listdir("/etc/slurm"))}
+if os.path.exists("/etc/slurm/slurm.conf"):  # what a client without SLURM_CONF meets here
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    t0 = time.time()
+    p = subprocess.run(["sbatch", "--version"], env=env, capture_output=True, text=True, timeout=30)
+    rec["host_sbatch"] = {"rc": p.returncode, "err": p.stderr[-2000:], "s": time.time() - t0}
+t0 = time.time()
+cluster = sc.SlurmCluster.start(timeout=60)
+try:
+    rec["start_s"] = round(time.time() - t0, 1)
+    rec["version"] = cluster.version
+    rec["cgroup_conf"] = cluster.cgroup_conf_text
+    rec["conf"] = cluster.conf
+    job = cluster.sbatch(["--ntasks=1", "--output=" + sys.argv[2], "--wrap", "srun bash -c 'echo conf=$SLURM_CONF'"])
+    rec["job"] = cluster.wait_job(job, timeout=60).get("JobState")
+finally:
+    cluster.stop()
+print("RESULT " + json.dumps(rec))
+"""
+
+
+@pytest.mark.parametrize("host", ["no-host-config", "host-config-dead-controller"])
+def test_fixture_ignores_host_slurm_config(host, tmp_path):
+    """The fixture under both host set-ups, simulated in a private mount namespace (a temp dir
+    bind-mounted over /etc/slurm; nothing outside the namespace changes): no slurm.conf at all,
+    and a cluster node's /etc/slurm (slurm.conf naming an unreachable controller, a cgroup.conf
+    and plugstack.conf that would break slurmd/srun if read). Either way: the same version and
+    cgroup.conf as here, the cluster starts without waiting on a controller, a job step runs."""
+    reason = sc.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    if not os.path.isdir("/etc/slurm") or not shutil.which("unshare"):
+        pytest.skip("needs /etc/slurm (as a mount point) and unshare")
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.strip()}")
+    etc = tmp_path / "etc-slurm"
+    etc.mkdir()
+    if host == "host-config-dead-controller":
+        (etc / "slurm.conf").write_text(HOST_SLURM_CONF)
+        (etc / "cgroup.conf").write_text(HOST_CGROUP_CONF)
+        (etc / "plugstack.conf").write_text(HOST_PLUGSTACK_CONF)
+    script = tmp_path / "probe.py"
+    script.write_text(HOST_PROBE)
+    out = tmp_path / "job.out"
+    inner = (f"mount --bind {shlex.quote(str(etc))} /etc/slurm && exec {shlex.quote(sys.executable)} "
+             f"{shlex.quote(str(script))} {shlex.quote(os.path.dirname(sc.__file__))} {shlex.quote(str(out))}")
+    try:
+        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", inner],
+                              capture_output=True, text=True, timeout=150)
+    finally:
+        sc.cleanup_stale()  # a probe that died or timed out leaves its cluster to us
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rec = json.loads(lines[-1][len("RESULT "):])
+    if host == "no-host-config":
+        assert rec["etc_slurm"] == [], rec
+    else:  # the simulation is real: a client without SLURM_CONF reads the host's files (and
+        # fails on its plugstack.conf at once, instead of searching 60 s for a config)
+        assert rec["etc_slurm"] == ["cgroup.conf", "plugstack.conf", "slurm.conf"], rec
+        host = rec["host_sbatch"]
+        assert host["rc"] != 0 and "/etc/slurm/plugstack.conf" in host["err"] and host["s"] < 20, host
+    version = sc.slurm_version()
+    assert tuple(rec["version"]) == version, rec
+    assert rec["cgroup_conf"] == sc.cgroup_conf(version, sc.plugin_dir()), rec
+    if version[:2] < (23, 2):
+        assert "disabled" not in rec["cgroup_conf"], rec
+    assert rec["job"] == "COMPLETED", rec
+    assert _read(out).split() == [f"conf={rec['conf']}"], _read(out)
+    assert rec["start_s"] < 30, rec  # no wait for a config or a controller
 
 
 STUB = r'''#!{python}
