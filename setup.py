@@ -12,6 +12,7 @@ setup(
     version="0.1.0",
     description="Latent Implicit Visual Reasoning on DeepSpeed: masks, loaders, launch glue",
     packages=find_packages(include=["livr_ds", "livr_ds.*"]),
+    package_data={"livr_ds.data": ["paper_results.json"]},  # the paper's Table 1 (livr-ds report)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",  # CPU installs pin torch==2.13.0 first (README); never torchvision

@@ -73,6 +73,12 @@ def _optional_commands():
     from .eval_cli import add_eval_commands
 
     yield add_eval_commands
+    from .report import add_report_command
+
+    yield add_report_command
+    from .doctor import add_doctor_command
+
+    yield add_doctor_command
 
 
 def main(argv: list[str] | None = None) -> int:

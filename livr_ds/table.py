@@ -91,15 +91,16 @@ def _find(results: list[dict], name: str, label=row_label) -> dict:
     raise ValueError(f"--baseline {name!r} is not a row; rows are: {', '.join(label(r) for r in results)}")
 
 
-def task_table(results: list[dict], baseline: str | None = None, digits: int = 2) -> str:
-    """Tasks as columns, one row per results file, Mean, and Δ (mean minus the baseline's mean)."""
+def task_table(results: list[dict], baseline: str | None = None, digits: int = 2, first: str = "Method") -> str:
+    """Tasks as columns, one row per results file, Mean, and Δ (mean minus the baseline's mean).
+    `first` heads the row-name column (livr_ds/report.py's validation tables: "Checkpoint")."""
     labels = [row_label(r) for r in results]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise ValueError(f"two results files share the row name(s) {dupes}; give them distinct --name values")
     tasks = _task_order({t for r in results for t in r["per_task"]})
     base = _find(results, baseline) if baseline else None
-    header = ["Method", *(_column(t) for t in tasks), "Mean"] + (["Δ"] if base else [])
+    header = [first, *(_column(t) for t in tasks), "Mean"] + (["Δ"] if base else [])
     rows = []
     for r in results:
         cells = [row_label(r)] + [_fmt(r["per_task"].get(t, {}).get("accuracy"), digits) for t in tasks]
