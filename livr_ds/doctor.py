@@ -193,7 +193,7 @@ class Doctor:
         torch = self.torch
         if torch is None:
             return
-        import torch.distributed as dist
+        dist = torch.distributed  # capability queries only; collectives go through train/distributed.py
 
         if not dist.is_available():
             self.add("FAIL", "torch.distributed", "this torch has no torch.distributed",
