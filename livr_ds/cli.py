@@ -79,6 +79,9 @@ def _optional_commands():
     from .doctor import add_doctor_command
 
     yield add_doctor_command
+    from .plan import add_plan_command
+
+    yield add_plan_command
 
 
 def main(argv: list[str] | None = None) -> int:
