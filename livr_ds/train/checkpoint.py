@@ -83,7 +83,7 @@ def set_rng_state(state: dict) -> None:
 # with weights, moments, step and schedule intact. DeepSpeed's own save_checkpoint is not used:
 # its module file also held frozen weights that exclude_frozen_parameters misses (a tied LM
 # head: 683 MB of a 1.1 GB checkpoint for Qwen2.5-VL-3B) and it reloads only at the same world
-# size, through torch.load(weights_only=False).
+# size, through an unrestricted torch.load (full unpickling of the .pt files).
 
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
