@@ -225,7 +225,7 @@ class Trainer:
         bar.close()
         if dist.is_main():
             export.save_export(self.backbone, cfg, cfg.stage, os.path.join(self.out, "export", "final"),
-                                   extra={"epoch": st["epoch"], "global_step": st["global_step"]})
+                               extra={"epoch": st["epoch"], "global_step": st["global_step"]})
             with open(os.path.join(self.out, "DONE"), "w") as f:
                 f.write(f"{st['global_step']}\n")
         dist.barrier()
@@ -264,8 +264,9 @@ class Trainer:
         g = dist.all_reduce(local).tolist()
         if g[1] > 0:
             raise TrainingDiverged(
-                f"non-finite loss at step {self.state['global_step'] + 1} (epoch {self.state['epoch']}, keys "
-                f"{[k for m in metas for k in m['keys']]} on rank {dist.rank()}); stopping before the update. "
+                f"non-finite loss at step {self.state['global_step'] + 1} (epoch {self.state['epoch']}; rank "
+                f"{dist.rank()}'s samples in the step: {[k for m in metas for k in m['keys']]}); "
+                "stopping before the update. "
                 f"The last good checkpoint is {checkpoint.latest_checkpoint(self.ckpt_root)}; lower optim.lr or "
                 "check the data")
         lr = self.scheduler.get_last_lr()[0]  # what this step applies
@@ -324,8 +325,8 @@ class Trainer:
                 st["best_val"], st["best_epoch"] = acc["mean"], st["epoch"]
                 if dist.is_main():
                     export.save_export(self.backbone, self.cfg, self.cfg.stage,
-                                           os.path.join(self.out, "export", "best"),
-                                           extra={"epoch": st["epoch"], "val_accuracy": acc["mean"]})
+                                       os.path.join(self.out, "export", "best"),
+                                       extra={"epoch": st["epoch"], "val_accuracy": acc["mean"]})
             dist.barrier()
         self.save()
 
