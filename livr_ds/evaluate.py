@@ -142,22 +142,33 @@ def as_sources(data, split: str | None = None) -> list[ShardSource]:
 
 
 def iter_samples(data, split: str | None, rank: int, world_size: int, batch_size: int,
-                 max_samples: int = 0, num_workers: int = 0, seed: int = 0, on_error: str = "raise"):
+                 max_samples: int = 0, num_workers: int = 0, seed: int = 0, on_error: str = "raise",
+                 lockstep: bool = False):
     """Yield (global positions, samples) per batch for this rank, padded duplicates removed.
 
     Order is the dataset order, or with max_samples a fixed shuffle (`seed`, epoch 0) so that the
     first N mix every task instead of being the first task's; either way a pure function of the
     sources, and position p of global batch b, rank r, slot i is b * W * B + r * B + i: the same
     sample at any world size.
+
+    lockstep (ZeRO-3): every rank gets the same number of full batches, each sample that is not
+    to be counted (padding, beyond max_samples) kept with position None, so that every rank runs
+    the same forwards.
     """
     loader = LivrLoader(as_sources(data, split), rank=rank, world_size=world_size, batch_size=batch_size,
                         num_workers=num_workers, seed=seed, shuffle=bool(max_samples), on_error=on_error)
+    batches = len(loader)
+    if max_samples:
+        batches = min(batches, -(-max_samples // (world_size * batch_size)))
     for b, samples in enumerate(loader):
+        if b >= batches:
+            break
         base = b * world_size * batch_size + rank * batch_size
-        keep = [(base + i, s) for i, s in enumerate(samples)
-                if not s.is_pad and (not max_samples or base + i < max_samples)]
-        if keep:
-            yield [p for p, _ in keep], [s for _, s in keep]
+        counted = [not s.is_pad and (not max_samples or base + i < max_samples) for i, s in enumerate(samples)]
+        if lockstep:
+            yield [base + i if c else None for i, c in enumerate(counted)], list(samples)
+        elif any(counted):
+            yield [base + i for i, c in enumerate(counted) if c], [s for s, c in zip(samples, counted) if c]
 
 
 @torch.no_grad()
@@ -212,8 +223,8 @@ def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, 
     protocol). "likelihood": forced choice among the options for multiple-choice samples
     (open-ended ones are still generated).
 
-    Training's validation (every rank, the model inside the DeepSpeed engine; ZeRO 1/2 only: the
-    ranks may run different numbers of forwards, which ZeRO-3's gathered parameters would not allow):
+    Training's validation (every rank, the model inside the DeepSpeed engine; under ZeRO-3 the
+    model's `lockstep` makes every rank run the same forwards, each of which gathers parameters):
 
         records, _ = evaluate.evaluate(trainer.backbone, cfg.data.val, "standard",
                                        split=cfg.data.val_split, batch_size=max(cfg.optim.micro_batch_size, 4),
@@ -234,6 +245,9 @@ def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, 
         world_size = w if world_size is None else world_size
     mode = get_mode(mode) if isinstance(mode, str) else mode
     model = generate.unwrap(backbone.model)
+    if model.lockstep and (scoring != "generate" or probe):
+        raise ValueError("evaluation of a ZeRO-3 model in training runs generation only (no likelihood scoring, "
+                         "no probes): evaluate the export with livr-ds eval instead")
     max_tokens = max_tokens or default_max_tokens(backbone)
     gen_collator = make_collator(backbone, mode, with_answer=False, max_tokens=max_tokens)
     answer_collator = make_collator(backbone, mode, with_answer=True, max_tokens=max_tokens)
@@ -246,7 +260,7 @@ def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, 
     rows.enter_context(merged_latent_rows(model.hf_model))
     try:
         for positions, samples in iter_samples(data, split, rank, world_size, batch_size, max_samples, num_workers,
-                                               seed=seed, on_error=on_error):
+                                               seed=seed, on_error=on_error, lockstep=model.lockstep):
             preds: list[str | None] = [None] * len(samples)
             option_ll: list[list[float] | None] = [None] * len(samples)
             if scoring == "likelihood":
@@ -265,6 +279,8 @@ def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, 
                     r["option_loglik"] = sc
             for p, r in zip(positions, recs):
                 r["index"] = p
+            if model.lockstep:  # padding and samples past max_samples ran only to keep ranks in step
+                recs = [r for r in recs if r["index"] is not None]
             if probe:
                 batch = answer_collator(samples)
                 per_sample, maps = probes.attention_probe(model, batch, mode.policy, want_maps=drawn < probe_images)

@@ -1,7 +1,8 @@
 """Exports: written by training (`export/best`, `export/final`), checked and loaded by `--init-from`,
 loaded for evaluation (no DeepSpeed), folded into a plain checkpoint by `livr-ds export --merge`.
 
-An export holds a PEFT adapter (LoRA + the K latent rows), the tokenizer with the latent tokens,
+An export holds a PEFT adapter (LoRA + the K latent rows, in PEFT's own format whatever the ZeRO
+stage of the run), the tokenizer with the latent tokens,
 the processor files and livr.json, which names the base checkpoint. Loading one needs only
 transformers + PEFT: base model -> resize embeddings to the saved tokenizer -> PeftModel.
 Resume checkpoints (what the optimizer needs to continue) are train/checkpoint.py's.
@@ -9,6 +10,7 @@ Resume checkpoints (what the optimizer needs to continue) are train/checkpoint.p
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -16,10 +18,12 @@ import shutil
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .atomic import replace_dir, write_json_atomic
-from .modeling import Backbone, LivrModel, resize_embeddings
+from .latents import peft_rows_key, resize_embeddings, split_adapter_tensors
+from .modeling import Backbone, LivrModel
+from .train import distributed as dist
 from .models import get_adapter
 
 log = logging.getLogger(__name__)
@@ -31,24 +35,60 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The tensors that train: PEFT's adapter state, or every trainable weight of a full fine-tune."""
-    if is_peft(model):
-        state = get_peft_model_state_dict(model)
-    else:
-        state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
+def trainable_state(model: LivrModel) -> dict[str, torch.Tensor]:
+    """The tensors that train, as an export stores them: with LoRA, PEFT's adapter tensors (LoRA,
+    and the latent rows under PEFT's trainable-token name); a full fine-tune, every trainable
+    weight. On CPU, the same on every rank. Collective under ZeRO-3 (gathers the shards)."""
+    peft_model = model.peft_model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with dist.gathered(trainable):
+        named = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+        if is_peft(peft_model):
+            state = get_peft_model_state_dict(peft_model, state_dict=named, save_embedding_layers=False)
+            if model.latent_rows is not None:
+                state[peft_rows_key(peft_model)] = model.latent_rows.weight
+        else:
+            state = named
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
-    if is_peft(model):
-        result = set_peft_model_state_dict(model, tensors)
-        bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "trainable_tokens" in k]
-    else:
-        result = model.load_state_dict(tensors, strict=False)
-        bad = list(result.unexpected_keys)
+def load_trainable_state(model: LivrModel, tensors: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+    """Put an export's trainable tensors (trainable_state's names) into a model not yet handed to
+    DeepSpeed."""
+    peft_model = model.peft_model
+    if not is_peft(peft_model):
+        result = peft_model.load_state_dict(tensors, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{where}: tensors did not match the model: {result.unexpected_keys[:3]}")
+        return
+    lora, rows = split_adapter_tensors(tensors)
+    if (rows is None) != (model.latent_rows is None):
+        raise ValueError(f"{where}: {'no' if rows is None else 'has'} latent rows, the model "
+                         f"{'has' if rows is None else 'none'}")
+    if rows is not None:
+        if tuple(rows.shape) != tuple(model.latent_rows.weight.shape):
+            raise ValueError(f"{where}: latent rows of shape {tuple(rows.shape)}, the model's are "
+                             f"{tuple(model.latent_rows.weight.shape)}")
+        with torch.no_grad():
+            model.latent_rows.weight.copy_(rows)
+    result = set_peft_model_state_dict(peft_model, lora)
+    bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
     if bad:
-        raise ValueError(f"checkpoint tensors did not match the model: {bad[:3]}")
+        raise ValueError(f"{where}: tensors did not match the model: {bad[:3]}")
+
+
+def write_adapter(model: LivrModel, tensors: dict[str, torch.Tensor], out_dir: str, latent_ids: list[int],
+                  embeddings_name: str) -> None:
+    """PEFT's saved-adapter files (adapter_config.json, adapter_model.safetensors): LoRA, and the
+    latent rows as trainable tokens, so that PeftModel.from_pretrained applies them to the
+    embedding (and a tied head) as training did."""
+    config = copy.deepcopy(model.peft_model.peft_config["default"])
+    if model.latent_rows is not None:
+        config.trainable_token_indices = {embeddings_name: sorted(set(latent_ids))}
+    config.inference_mode = True
+    config.save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
 
 
 # ---- exports --------------------------------------------------------------------------------
@@ -85,15 +125,25 @@ def livr_metadata(cfg, backbone, stage: int) -> dict:
     }
 
 
-def save_export(backbone, cfg, stage: int, out_dir: str, extra: dict | None = None) -> str:
-    """Rank 0 only. PEFT adapter + tokenizer + processor files + livr.json, swapped in atomically."""
+def save_export(backbone, cfg, stage: int, out_dir: str, extra: dict | None = None) -> str | None:
+    """Collective (every rank calls it: ZeRO-3 gathers the trainable shards); rank 0 writes the
+    PEFT adapter + tokenizer + processor files + livr.json and swaps them in atomically."""
+    model = backbone.model
+    if not is_peft(model.peft_model):
+        # A full fine-tune is a whole transformers checkpoint (ZeRO-3 is refused for it at start-up).
+        extra = {**(extra or {}), "merged": True}
+        tensors = None
+    else:
+        tensors = trainable_state(model)
+    if not dist.is_main():
+        return None
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    trained = backbone.model.peft_model
-    trained.save_pretrained(tmp)  # PEFT: the adapter; full fine-tuning: the whole model
-    if not is_peft(trained):
-        extra = {**(extra or {}), "merged": True}
+    if tensors is None:
+        model.peft_model.save_pretrained(tmp)
+    else:
+        write_adapter(model, tensors, tmp, backbone.latent_ids, backbone.adapter.input_embeddings_name())
     processor = backbone.processor
     processor.tokenizer.save_pretrained(tmp)
     processor.image_processor.save_pretrained(tmp)
@@ -153,13 +203,13 @@ def init_from_export(backbone, cfg, path: str) -> str:
         raise ValueError("--init-from: the checkpoint's model.trainable (LoRA adapter vs full weights) "
                          "differs from this experiment's")
     if is_peft(model):
-        # save_pretrained drops the adapter name from keys; set_peft_model_state_dict adds it back.
+        # PEFT's saved names (adapter name dropped); set_peft_model_state_dict adds it back.
         tensors = load_file(os.path.join(export_dir, "adapter_model.safetensors"))
     else:
         # A full export is a transformers checkpoint, saved under transformers' own key names:
         # load it the way transformers does and take its state dict.
         tensors = backbone.adapter.load_model(export_dir, dtype=model.dtype).state_dict()
-    load_trainable_state(model, tensors)
+    load_trainable_state(backbone.model, tensors, where=f"--init-from {export_dir}")
     log.info("initialised from %s (stage %s, %s)", export_dir, meta["stage"], meta["policy"])
     return export_dir
 

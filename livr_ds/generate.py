@@ -17,7 +17,7 @@ token joins the ANSWER segment, so the test-time bottleneck masks it exactly as 
              explicit mask and positions make that the same computation as the unpadded row.
 
 The LM head runs on one position per row per step; rows that emit <eos> are dropped from the
-cache. `greedy_answers(..., use_cache=False)` is the reference: the whole padded sequence
+cache (under ZeRO-3, `LivrModel.lockstep`, they stay and every rank steps until all are done). `greedy_answers(..., use_cache=False)` is the reference: the whole padded sequence
 recomputed per token (vision tower included), with the same mask rule. tests/test_eval.py checks
 that both give the same tokens for every eval mode and family.
 
@@ -35,6 +35,7 @@ import torch
 
 from . import segments
 from .answers import is_correct
+from .train import distributed as dist
 
 
 def to_device(batch: dict, device) -> dict:
@@ -80,6 +81,8 @@ def greedy_ids(model, collator, samples, policy: str, max_new_tokens: int = 8, *
     from .modeling import merged_latent_rows
 
     model = unwrap(model)
+    if model.lockstep and not use_cache:
+        raise ValueError("use_cache=False (the reference loop) does not keep ZeRO-3 ranks in step")
     run = _greedy_cached if use_cache else _greedy_recompute
     with merged_latent_rows(model.hf_model):
         return run(model, collator, samples, policy, max_new_tokens)
@@ -130,6 +133,8 @@ def _greedy_cached(model, collator, samples, policy: str, max_new_tokens: int) -
     vision = {k: batch[k] for k in model.adapter.vision_keys if k in batch}
     if "pixel_values" in vision:
         vision["pixel_values"] = vision["pixel_values"].to(hf.dtype)
+    elif model.lockstep:
+        model.run_vision_blank()
     cache = DynamicCache(config=model.adapter.text_config(hf))
     generated: list[list[int]] = [[] for _ in encoded]
     active = list(range(B))  # original row of each row still in the cache
@@ -140,15 +145,27 @@ def _greedy_cached(model, collator, samples, policy: str, max_new_tokens: int) -
         tokens = _next_tokens(hf, out.last_hidden_state[rows, last], banned)
         del out
         key_seg, key_doc = seg, doc
+        finished = [False] * B  # lockstep only: rows stay in the cache, feeding tokens nobody reads
         for step in range(max_new_tokens):
             keep = []
             for j, tok in enumerate(tokens.tolist()):
+                if model.lockstep and finished[active[j]]:
+                    continue
                 if tok != collator.eos_id:
                     generated[active[j]].append(tok)
                     keep.append(j)
-            if not keep or step == max_new_tokens - 1:
+                else:
+                    finished[active[j]] = True
+            if step == max_new_tokens - 1:
                 break
-            if len(keep) < len(active):  # finished rows leave the cache
+            if model.lockstep:
+                # Every rank decodes until the last row on any rank is done (each forward gathers
+                # ZeRO-3 shards that all ranks must join): one small all-reduce per token.
+                if not dist.any_rank(bool(keep)):
+                    break
+            elif not keep:
+                break
+            elif len(keep) < len(active):  # finished rows leave the cache
                 idx = torch.tensor(keep, device=device)
                 cache.batch_select_indices(idx)
                 key_seg, key_doc, next_pos, gen_doc, tokens = (key_seg[idx], key_doc[idx], next_pos[:, idx],

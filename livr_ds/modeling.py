@@ -1,7 +1,7 @@
 """The LIVR model: a backbone with K latent tokens, LoRA on the LM, and a masked forward.
 
-Only LoRA adapters and the K latent embedding rows train (PEFT's `trainable_token_indices`
-keeps the other rows bit-identical, weight decay included); the vision tower and projector are
+Only LoRA adapters and the K latent embedding rows train (livr_ds.latents: the rows are a
+parameter of their own, the embedding table stays frozen); the vision tower and projector are
 frozen. The forward builds the attention mask for the requested policy from the batch's
 segment and document ids (livr_ds.segments) in the format the attention backend needs.
 """
@@ -21,60 +21,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from . import segments
 from .config import ExperimentConfig
+from .latents import LatentRows, add_latent_tokens, build_latent_rows
 from .models import BackboneAdapter, get_adapter
 from .models.archs import ARCH_PREFIX, arch_spec, build_random
 
 log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
-
-
-def latent_token_strings(num: int, shared: bool) -> list[str]:
-    """The K latent tokens in order. Shared latents are one token repeated K times."""
-    if num == 0:
-        return []
-    return ["<|latent|>"] * num if shared else [f"<|latent_{i}|>" for i in range(num)]
-
-
-def add_latent_tokens(tokenizer, model, num: int, shared: bool, seed: int) -> list[int]:
-    """Add the latent tokens to the vocabulary and give their embedding rows a random init.
-
-    Returns the K token ids in sequence order (repeated ids for shared latents).
-    """
-    strings = latent_token_strings(num, shared)
-    if not strings:
-        return []
-    new = sorted(set(strings), key=strings.index)
-    tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
-    ids = tokenizer.convert_tokens_to_ids(strings)
-    resize_embeddings(model, len(tokenizer))
-    embed = model.get_input_embeddings()
-    with torch.no_grad():
-        std = embed.weight.float().std().item()
-        gen = torch.Generator().manual_seed(seed)
-        unique = sorted(set(ids))
-        rows = torch.randn(len(unique), embed.weight.shape[1], generator=gen) * std
-        embed.weight[unique] = rows.to(embed.weight.dtype)
-    return ids
-
-
-def resize_embeddings(model, vocab_size: int) -> None:
-    """Grow the vocabulary to `vocab_size`. New output-head rows are zero, not random: latents are
-    never generated, and a reloaded export must give the same logits as the trained model.
-
-    A tied head (Qwen2.5-VL-3B, Qwen3-VL-4B) IS the embedding table, so its new rows are the
-    latents' input rows: left to add_latent_tokens here, and to the adapter's trained rows
-    (PEFT's trainable tokens, which also wrap the tied lm_head) when an export is loaded. No
-    resize happens when the table already has spare rows beyond the tokenizer (the released
-    Qwen checkpoints have hundreds): the latents take those rows and their head rows as they are."""
-    old = model.get_input_embeddings().weight.shape[0]
-    if vocab_size <= old:
-        return
-    model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is not model.get_input_embeddings().weight:
-        with torch.no_grad():
-            out.weight[old:] = 0
 
 
 def resolve_model_path(cfg: ExperimentConfig, adapter: BackboneAdapter) -> str:
@@ -165,24 +118,26 @@ def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device |
         # honours it when set on its config, and with a BlockMask its forward equals sdpa's (2e-7).
         adapter.text_config(hf_model)._attn_implementation = "flex_attention"
     latent_ids = add_latent_tokens(processor.tokenizer, hf_model, cfg.latents.num, cfg.latents.shared, cfg.seed)
+    latent_rows = None
     if cfg.model.trainable == "lora":
-        peft_model = wrap_lora(hf_model, adapter, cfg, latent_ids)
-    else:
+        peft_model = wrap_lora(hf_model, adapter, cfg)
+        latent_rows = build_latent_rows(hf_model, latent_ids)
+    else:  # full fine-tuning trains the whole table, latent rows included
         peft_model = unfreeze_full(hf_model, adapter, cfg.model.trainable)
     if cfg.model.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
-    model = LivrModel(peft_model, adapter, processor, backend)
+    model = LivrModel(peft_model, adapter, processor, backend, latent_rows=latent_rows)
     return Backbone(model, processor, adapter, latent_ids, path)
 
 
-def wrap_lora(hf_model, adapter: BackboneAdapter, cfg: ExperimentConfig, latent_ids: list[int]):
+def wrap_lora(hf_model, adapter: BackboneAdapter, cfg: ExperimentConfig):
+    """LoRA on the language model; everything else frozen (the latent rows are LatentRows')."""
     for p in hf_model.parameters():
         p.requires_grad_(False)
     lora = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_regex or adapter.lora_target_regex,
-        trainable_token_indices={adapter.input_embeddings_name(): sorted(set(latent_ids))} if latent_ids else None,
         bias="none",
     )
     model = get_peft_model(hf_model, lora)
@@ -202,14 +157,27 @@ def unfreeze_full(hf_model, adapter: BackboneAdapter, trainable: str):
 
 
 class LivrModel(torch.nn.Module):
-    """forward(batch, policy) -> mean NLL over answer tokens."""
+    """forward(batch, policy) -> mean NLL over answer tokens.
 
-    def __init__(self, peft_model, adapter: BackboneAdapter, processor, backend: str):
+    Under ZeRO-3 every rank must enter every partitioned module on every forward (each entry is
+    an all-gather that all ranks join), so the forward never skips one: the LM head runs even on
+    a batch without answer tokens, and with `lockstep` (set by the trainer under ZeRO-3) the
+    vision tower runs on a small blank image when a batch has no image, and evaluation keeps
+    every rank's forwards in step (evaluate.py, generate.py)."""
+
+    def __init__(self, peft_model, adapter: BackboneAdapter, processor, backend: str,
+                 latent_rows: LatentRows | None = None):
         super().__init__()
         self.peft_model = peft_model
         self.adapter = adapter
         self.backend = backend
         self.image_token_id = adapter.image_token_id(processor)
+        self.latent_rows = latent_rows
+        if latent_rows is not None:
+            latent_rows.to(self.hf_model.get_input_embeddings().weight.device)
+            latent_rows.attach(self.hf_model)
+        self.lockstep = False
+        self._blank_vision = adapter.blank_vision_inputs(processor)
 
     @property
     def hf_model(self):
@@ -259,6 +227,8 @@ class LivrModel(torch.nn.Module):
         vision = {k: batch[k] for k in self.adapter.vision_keys if k in batch}
         if "pixel_values" in vision:
             vision["pixel_values"] = vision["pixel_values"].to(self.hf_model.dtype)
+        elif self.lockstep:
+            self.run_vision_blank()
         return self.hf_model.model(
             input_ids=batch["input_ids"],
             attention_mask=self.attention_mask(batch, policy),
@@ -268,6 +238,15 @@ class LivrModel(torch.nn.Module):
             **vision,
             **kwargs,
         )
+
+    def run_vision_blank(self) -> None:
+        """The vision tower (and projector) on a blank image, output discarded: keeps a rank whose
+        batch has no image in step with the others' all-gathers under ZeRO-3."""
+        device = self.hf_model.get_input_embeddings().weight.device
+        blank = {k: v.to(device) for k, v in self._blank_vision.items()}
+        blank["pixel_values"] = blank["pixel_values"].to(self.hf_model.dtype)
+        with torch.no_grad():
+            self.hf_model.model.get_image_features(**blank)
 
     def hidden_states(self, batch: dict, policy: str) -> torch.Tensor:
         return self.backbone_outputs(batch, policy).last_hidden_state
@@ -281,9 +260,9 @@ class LivrModel(torch.nn.Module):
         # (B, L, vocab) logits would cost far more than the loss needs.
         targets = batch["labels"][:, 1:]
         keep = targets != -100
+        logits = self.hf_model.lm_head(hidden[:, :-1][keep]).float()  # run even when empty (ZeRO-3)
         if not keep.any():  # only padding samples (equal batch counts across ranks): no signal
-            return hidden.sum() * 0.0
-        logits = self.hf_model.lm_head(hidden[:, :-1][keep]).float()
+            return hidden.sum() * 0.0 + logits.sum() * 0.0
         return F.cross_entropy(logits, targets[keep])
 
 

@@ -30,7 +30,7 @@ import re
 
 GIB = 2**30
 DS_CONFIGS = {(2, False): "ds_configs/zero2.json", (2, True): "ds_configs/zero2_offload.json",
-              (3, False): "ds_configs/zero3.json", (3, True): None}
+              (3, False): "ds_configs/zero3.json", (3, True): "ds_configs/zero3_offload.json"}
 
 
 @dataclasses.dataclass
@@ -176,7 +176,7 @@ def plan(cfg, gpus: int, nodes: int = 1, gpu_mem_gib: float = 80.0, answer_token
                          "activations_gib": act / GIB, "total_gib": total / GIB,
                          "fits": total <= gpu_mem_gib * GIB})
     fitting = [r for r in rows if r["fits"] and r["ds_config"]]
-    best = fitting[0] if fitting else None  # order: zero2, zero2_offload, zero3 (cheapest first)
+    best = fitting[0] if fitting else None  # order: zero2, zero2_offload, zero3, zero3_offload (cheapest first)
     return {"model": cfg.model.path, "dtype": cfg.model.dtype, "world": world, "gpu_mem_gib": gpu_mem_gib,
             "max_tokens": cfg.data.max_tokens, "micro_batch": cfg.optim.micro_batch_size,
             "gradient_checkpointing": cfg.model.gradient_checkpointing,
@@ -207,7 +207,9 @@ def format_plan(p: dict) -> str:
         lines.append("recommended: nothing fits; raise --gpus, turn on model.gradient_checkpointing or lower "
                      "data.max_tokens")
     elif p["recommended_stage"] == 3:
-        lines.append(f"recommended: {rec}: ZeRO-3 (not yet supported by livr-ds, issue #15); ZeRO-2 does not fit")
+        z2 = min(r["total_gib"] for r in p["rows"] if r["stage"] == 2)
+        lines.append(f"recommended: {rec}: ZeRO-3; ZeRO-2 does not fit (at least {z2:.2f} GiB/GPU, "
+                     f"{p['gpu_mem_gib']:g} available)")
     else:
         lines.append(f"recommended: {rec}")
     return "\n".join(lines)

@@ -235,6 +235,18 @@ def test_cached_generation_equals_recompute(tiny_dirs, demo, family, backend):
         cached = generate.greedy_ids(model, collator, samples, mode.policy, 5)
         assert len(calls) == 1, name  # the vision tower ran in the prefill only
         assert cached == reference, name
+        # ZeRO-3 lockstep: finished rows stay in the cache (every step feeds all rows, as every
+        # rank must run the same forwards), and the tokens are the same.
+        widths = []
+        head = model.hf_model.lm_head.register_forward_hook(lambda mod, args, out: widths.append(out.shape[0]))
+        model.lockstep = True
+        try:
+            assert generate.greedy_ids(model, collator, samples, mode.policy, 5) == reference, name
+        finally:
+            model.lockstep = False
+            head.remove()
+        # the prefill, then one step per token until the longest row is done (at most 4 more)
+        assert widths == [len(samples)] * (1 + min(max(map(len, reference)), 4)), (name, widths)
     calls.clear()
     generate.greedy_ids(model, collator, samples, "standard", 3, use_cache=False)
     assert len(calls) == 3  # the reference reruns it for every token

@@ -94,7 +94,7 @@ def test_only_lora_and_latent_rows_train(tiny_dirs, photos, family):
         opt.step()
     changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n, p in m.named_parameters() if p.requires_grad}
-    assert all("lora_" in n or "trainable_tokens" in n for n in changed)
+    assert all("lora_" in n or n == "latent_rows.weight" for n in changed)
     vision = {id(p) for mod in bb.adapter.vision_modules(bb.model.hf_model) for p in mod.parameters()}
     assert not any(id(p) in vision for p in trainable)
     # The effective embedding table: only the K latent rows moved.
@@ -110,7 +110,7 @@ def test_shared_latents_and_k0(tiny_dirs, photos):
     assert len(shared.latent_ids) == 4 and len(set(shared.latent_ids)) == 1
     none = make_backbone(tiny_dirs, "qwen2_5_vl", k=0, policy="standard", **{"schedule.stage1_epochs": 0})
     assert none.latent_ids == []
-    assert all("trainable_tokens" not in n for n, p in none.model.named_parameters() if p.requires_grad)
+    assert none.model.latent_rows is None and all("lora_" in n for n, p in none.model.named_parameters() if p.requires_grad)
     col = LivrCollator(none.adapter, none.processor, [])
     loss = none.model(col([sample(photos[:1])]), "standard")
     loss.backward()
@@ -273,3 +273,44 @@ def test_flex_backend_forward_equals_sdpa(tiny_dirs, photos, family):
             torch.testing.assert_close(logits[("flex", packing, policy)], logits[("sdpa", packing, policy)],
                                        rtol=1e-4, atol=1e-5)
         assert not torch.allclose(logits[("flex", packing, "bottleneck")], logits[("flex", packing, "standard")])
+
+
+# ---- ZeRO-3 lockstep: every rank enters every partitioned module on every forward --------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lockstep_runs_the_vision_tower_on_a_batch_without_images(tiny_dirs, photos, family):
+    """A rank whose batch holds no image still enters the vision tower and projector (on a blank
+    image, output discarded) under lockstep, and computes the same loss; without lockstep it skips
+    them. Under ZeRO-3 a skipped module is an all-gather the other ranks wait on forever."""
+    bb = make_backbone(tiny_dirs, family)
+    col = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
+    text_only = col([sample([], "a", question="Is 2 more than 1?"), sample([], "b", question="Is 3 odd?")])
+    assert "pixel_values" not in text_only
+    calls = []
+    hooks = [mod.register_forward_hook(lambda *_: calls.append(1)) for mod in bb.adapter.vision_modules(bb.model.hf_model)]
+    m = bb.model.train()
+    free = m(text_only, "bottleneck")
+    assert not calls
+    m.lockstep = True
+    locked = m(text_only, "bottleneck")
+    assert len(calls) == len(hooks) > 0
+    assert torch.equal(free, locked)
+    with_images = col([sample(photos[:1], "c")])
+    calls.clear()
+    m(with_images, "bottleneck")  # the batch's own images: no extra blank-image pass
+    assert len(calls) == len(hooks)
+
+
+def test_a_batch_without_answer_tokens_still_runs_the_lm_head(tiny_dirs, photos):
+    """Padding-only micro-batches (equal batch counts across ranks): zero loss, zero gradients,
+    and the LM head entered all the same."""
+    bb = make_backbone(tiny_dirs, "qwen2_5_vl")
+    col = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
+    batch = col([sample(photos[:1], "a")])
+    batch["labels"][:] = -100
+    heads = []
+    bb.model.hf_model.lm_head.register_forward_hook(lambda *_: heads.append(1))
+    loss = bb.model.train()(batch, "bottleneck")
+    loss.backward()
+    assert heads and loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in bb.model.parameters() if p.requires_grad)

@@ -1,10 +1,13 @@
 """`livr-ds plan`: parameter counts on the meta device, the ZeRO-2/3 choice, the activation model."""
 
 import dataclasses
+import os
 
 from livr_ds import cli
 from livr_ds.config import load_config
-from livr_ds.plan import activation_bytes, build_meta, count_shapes, plan
+from livr_ds.plan import DS_CONFIGS, activation_bytes, build_meta, count_shapes, plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GIB = 2**30
 ARGS = ["--set", "model.path=arch:qwen2_5_vl_3b", "--set", "model.dtype=bfloat16",
@@ -35,7 +38,8 @@ def test_plan_3b_zero3_fits_where_zero2_does_not(capsys):
     assert p["recommended"] == "ds_configs/zero3.json"
     assert cli.main(["plan", *ARGS, "--gpus", "2", "--gpu-mem-gib", "8"]) == 0
     out = capsys.readouterr().out
-    assert "recommended: ds_configs/zero3.json: ZeRO-3 (not yet supported by livr-ds, issue #15)" in out
+    assert "recommended: ds_configs/zero3.json: ZeRO-3; ZeRO-2 does not fit" in out
+    assert "not yet supported" not in out
     assert cli.main(["plan", *ARGS, "--gpus", "1", "--gpu-mem-gib", "80"]) == 0
     assert "recommended: ds_configs/zero2.json" in capsys.readouterr().out
 
@@ -48,3 +52,42 @@ def test_activations_linear_in_tokens_and_smaller_with_checkpointing():
         a1, a2, a4 = (activation_bytes(s, tokens=t, checkpointing=ckpt, answer_tokens=0) for t in (1024, 2048, 4096))
         assert a2 == 2 * a1 and a4 == 4 * a1
     assert activation_bytes(s, tokens=4096, checkpointing=True) < activation_bytes(s, tokens=4096) / 5
+
+
+def test_plan_72b_on_two_nodes_zero2_does_not_fit_zero3_does(capsys):
+    """Issue #15: Qwen2.5-VL-72B (configs/livr_qwen2_5_vl_72b.yaml: bf16, 8192 tokens, gradient
+    checkpointing) on 2 nodes x 8 GPUs x 80 GiB: every rank would hold all bf16 weights under ZeRO-2
+    (137 GiB); ZeRO-3 partitions them 16 ways."""
+    assert DS_CONFIGS[(3, True)] == "ds_configs/zero3_offload.json"
+    cfg = load_config(os.path.join(ROOT, "configs", "livr_qwen2_5_vl_72b.yaml"), ["model.path=arch:qwen2_5_vl_72b"])
+    shapes = count_shapes(cfg, *build_meta(cfg))
+    assert shapes.total_params == 73_410_777_344 and shapes.layers == 80 and shapes.hidden == 8192
+    # LoRA r=16 on q,k,v,o,gate,up,down of 80 layers (hidden 8192, 8 KV heads x 128, I 29568); 16 latent rows
+    per_layer = 16 * ((8192 + 8192) * 2 + (8192 + 1024) * 2 + (8192 + 29568) * 3)
+    assert shapes.lora_params == 80 * per_layer and shapes.latent_params == 16 * 8192
+    p = plan(cfg, gpus=8, nodes=2, gpu_mem_gib=80, shapes=shapes)
+    assert p["world"] == 16
+    rows = {(r["stage"], r["offload"]): r for r in p["rows"]}
+    n = shapes.total_params + shapes.trainable
+    assert abs(rows[(2, False)]["params_gib"] - n * 2 / GIB) < 1e-9 and rows[(2, False)]["params_gib"] > 136
+    assert abs(rows[(3, False)]["params_gib"] - (n * 2 / 16 + 2 * shapes.layer_params * 2) / GIB) < 1e-9
+    assert abs(rows[(3, False)]["optim_gib"] - 12 * shapes.trainable / 16 / GIB) < 1e-9
+    assert rows[(3, True)]["optim_gib"] == 0 and rows[(3, True)]["ds_config"] == "ds_configs/zero3_offload.json"
+    for key in ((2, False), (2, True)):
+        assert not rows[key]["fits"] and rows[key]["total_gib"] > 80
+    for key in ((3, False), (3, True)):
+        assert rows[key]["fits"] and rows[key]["total_gib"] < 80 / 2  # with room to spare
+    assert (p["recommended"], p["recommended_stage"]) == ("ds_configs/zero3.json", 3)
+    # One node of 8: still ZeRO-3 (each rank holds 1/8 of the weights); 40 GiB cards: nothing fits.
+    assert plan(cfg, gpus=8, gpu_mem_gib=80, shapes=shapes)["recommended"] == "ds_configs/zero3.json"
+    assert plan(cfg, gpus=8, gpu_mem_gib=40, shapes=shapes)["recommended"] is None
+
+    args = ["plan", "--config", os.path.join(ROOT, "configs", "livr_qwen2_5_vl_72b.yaml"),
+            "--set", "model.path=arch:qwen2_5_vl_72b", "--gpus", "8", "--nodes", "2", "--gpu-mem-gib", "80"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "16 rank(s) x 80 GiB" in out
+    z2 = min(rows[(2, False)]["total_gib"], rows[(2, True)]["total_gib"])
+    assert (f"recommended: ds_configs/zero3.json: ZeRO-3; ZeRO-2 does not fit (at least {z2:.2f} GiB/GPU, "
+            "80 available)") in out
+    assert "| ZeRO-3 + optimizer on CPU (ds_configs/zero3_offload.json) |" in out and "no config shipped" not in out

@@ -5,13 +5,15 @@ rows beyond the tokenizer's length, the default system prompt): one AdamW step m
 the K latent rows (of the input table, and of the head exactly when it is the same table), and the
 export, its reload, `--init-from` and `livr-ds export --merge` all keep what was trained.
 
-PEFT on a tied table: `trainable_token_indices={"embed_tokens": ...}` also wraps lm_head in a
-TrainableTokensWrapper tied to the embedding's adapter. Its parameters
-(`lm_head.token_adapter.base_layer.weight`, `lm_head.token_adapter.trainable_tokens_delta.default`)
-are the embedding's own tensors, so they only appear under named_parameters(remove_duplicate=False),
-and the saved adapter holds the embedding's delta alone.
+In training the latent rows are their own parameter (`latent_rows.weight`, livr_ds/latents.py),
+placed into the embedding output by a hook and, for a tied head, into the latent tokens' logits:
+the table itself stays frozen and shared. An export stores them as PEFT trainable tokens; PEFT,
+loading it on a tied table, wraps lm_head in a TrainableTokensWrapper tied to the embedding's
+adapter (`lm_head.token_adapter.trainable_tokens_delta.default` is the embedding's own tensor),
+so the reloaded model applies the same rows to the input and the head.
 """
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -54,8 +56,9 @@ def config(path, family):
 
 
 def embed_layer(hf):
-    """The frozen nn.Embedding under PEFT's wrapper."""
-    return hf.get_input_embeddings().token_adapter.base_layer
+    """The frozen nn.Embedding (under PEFT's wrapper in a loaded export)."""
+    layer = hf.get_input_embeddings()
+    return layer.token_adapter.base_layer if hasattr(layer, "token_adapter") else layer
 
 
 def tables(hf):
@@ -67,11 +70,14 @@ def tables(hf):
     return embed, head
 
 
-def assert_head_layout(hf, tied):
-    """Tied: PEFT wraps lm_head around the embedding's own weight; untied: a plain frozen Linear."""
-    if tied:
+def assert_head_layout(hf, tied, loaded=False):
+    """Tied: the head's weight is the table (in a loaded export PEFT wraps lm_head around it, tied
+    to the embedding's adapter); untied: a plain frozen Linear."""
+    if tied and loaded:
         assert hf.lm_head.token_adapter.base_layer.weight is embed_layer(hf).weight
         assert hf.lm_head.token_adapter.tied_adapter is hf.get_input_embeddings().token_adapter
+    elif tied:
+        assert hf.lm_head.weight is hf.get_input_embeddings().weight and not hf.lm_head.weight.requires_grad
     else:
         assert isinstance(hf.lm_head, torch.nn.Linear) and not hf.lm_head.weight.requires_grad
 
@@ -92,6 +98,7 @@ def trained(request, quirk_dirs, photos, tmp_path_factory):
     hf = m.hf_model
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     embed0, head0 = tables(hf)
+    table0 = embed_layer(hf).weight.detach().clone()
     col = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
     batch = col([sample(photos[:1], "a"), sample(photos[1:3], "b", answer="B")])
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
@@ -103,7 +110,7 @@ def trained(request, quirk_dirs, photos, tmp_path_factory):
         logits = m.logits(batch, "bottleneck")
     export_dir = export.save_export(bb, cfg, 1, str(tmp_path_factory.mktemp("export") / "final"))
     return SimpleNamespace(family=family, tied=tied, path=path, cfg=cfg, bb=bb, before=before, embed0=embed0,
-                           head0=head0, batch=batch, logits=logits, export=export_dir)
+                           head0=head0, table0=table0, batch=batch, logits=logits, export=export_dir)
 
 
 @pytest.mark.parametrize("family,tied", CASES, ids=IDS)
@@ -138,45 +145,50 @@ def test_one_step_moves_only_lora_and_latent_rows(trained):
     m, hf = trained.bb.model, trained.bb.model.hf_model
     changed = {n for n, p in m.named_parameters() if not torch.equal(p, trained.before[n])}
     assert changed == {n for n, p in m.named_parameters() if p.requires_grad}
-    assert all("lora_" in n or "trainable_tokens_delta" in n for n in changed)
+    assert all("lora_" in n or n == "latent_rows.weight" for n in changed)
     latents = sorted(set(trained.bb.latent_ids))
     embed, head = tables(hf)
     moved = (embed != trained.embed0).any(-1).nonzero().flatten().tolist()
     assert moved == latents  # every other row bit-identical, weight decay included
+    assert torch.equal(embed[latents], m.latent_rows.weight)
     head_moved = (head != trained.head0).any(-1).nonzero().flatten().tolist()
     if trained.tied:  # the head is the table: same rows, same values
-        assert head_moved == latents and torch.equal(head, embed)
+        assert head_moved == latents
+        torch.testing.assert_close(head, embed, rtol=0, atol=1e-6)  # x @ rows.T: its own matmul
     else:
         assert head_moved == []
-    # PEFT's names for the tied head: aliases of the embedding adapter's tensors, saved once.
-    pm = trained.bb.model.peft_model
-    all_params = dict(pm.named_parameters(remove_duplicate=False))
-    head_delta = "base_model.model.lm_head.token_adapter.trainable_tokens_delta.default"
-    embed_delta = "base_model.model.model.language_model.embed_tokens.token_adapter.trainable_tokens_delta.default"
-    assert (head_delta in all_params) == trained.tied
-    if trained.tied:
-        assert all_params[head_delta] is all_params[embed_delta]
+    assert torch.equal(embed_layer(hf).weight, trained.table0)  # the stored table never changes
+    # The export stores the rows in PEFT's format: one trainable-token tensor for the embedding.
     saved = load_file(os.path.join(trained.export, "adapter_model.safetensors"))
-    assert [k for k in saved if "lora_" not in k] == [
-        "base_model.model.model.language_model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    key = "base_model.model.model.language_model.embed_tokens.token_adapter.trainable_tokens_delta"
+    assert [k for k in saved if "lora_" not in k] == [key]
+    assert torch.equal(saved[key], m.latent_rows.weight.detach())
+    with open(os.path.join(trained.export, "adapter_config.json")) as f:
+        assert json.load(f)["trainable_token_indices"] == {"embed_tokens": latents}
 
 
 def test_export_reloads_to_equal_logits(trained):
     from livr_ds.export import load_export
 
     loaded = load_export(trained.export)
-    assert_head_layout(loaded.model.hf_model, trained.tied)
+    assert_head_layout(loaded.model.hf_model, trained.tied, loaded=True)
     assert loaded.latent_ids == trained.bb.latent_ids
     with torch.no_grad():
-        assert torch.equal(loaded.model.logits(trained.batch, "bottleneck"), trained.logits)
+        got = loaded.model.logits(trained.batch, "bottleneck")
+    latents = sorted(set(trained.bb.latent_ids))
+    others = [i for i in range(got.shape[-1]) if i not in latents]
+    assert torch.equal(got[..., others], trained.logits[..., others])
+    # a tied head's latent columns: PEFT's one matmul with the merged table vs the hook's own
+    tol = 1e-6 if trained.tied else 0  # float rounding of a different summation order
+    torch.testing.assert_close(got[..., latents], trained.logits[..., latents], rtol=tol, atol=tol)
 
 
 def test_init_from_export_restores_the_trained_tensors(trained):
     fresh = build_backbone(trained.cfg, policy="bottleneck")
-    want = export.trainable_state(trained.bb.model.peft_model)
-    assert not all(torch.equal(v, export.trainable_state(fresh.model.peft_model)[k]) for k, v in want.items())
+    want = export.trainable_state(trained.bb.model)
+    assert not all(torch.equal(v, export.trainable_state(fresh.model)[k]) for k, v in want.items())
     export.init_from_export(fresh, trained.cfg, trained.export)
-    got = export.trainable_state(fresh.model.peft_model)
+    got = export.trainable_state(fresh.model)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     with torch.no_grad():
         assert torch.equal(fresh.model.eval().logits(trained.batch, "bottleneck"), trained.logits)
@@ -214,29 +226,34 @@ def test_merged_latent_rows_give_the_same_logits_and_leave_the_table_exact(train
     the whole table on every embedding and tied-head call) and restores it bit for bit after."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
+    from livr_ds.export import load_export
     from livr_ds.modeling import merged_latent_rows
 
-    hf = trained.bb.model.hf_model
+    loaded = load_export(trained.export)
+    hf = loaded.model.hf_model
+    with torch.no_grad():
+        want = loaded.model.logits(trained.batch, "bottleneck")
     table = embed_layer(hf).weight.detach().clone()
     copies = []
     originals = TrainableTokensLayer.get_merged_weights
     TrainableTokensLayer.get_merged_weights = lambda self, a: copies.append(1) or originals(self, a)
     try:
+        copies.clear()
         with torch.no_grad(), merged_latent_rows(hf):
-            merged_logits = trained.bb.model.logits(trained.batch, "bottleneck")
+            merged_logits = loaded.model.logits(trained.batch, "bottleneck")
             assert not copies  # no per-call table copy while merged
             # the merged table carries the trained latent rows (the effective table of before)
             rows = sorted(set(trained.bb.latent_ids))
             delta = hf.get_input_embeddings().token_adapter.trainable_tokens_delta["default"]
             assert torch.equal(embed_layer(hf).weight[rows], delta.to(table.dtype))
         with torch.no_grad():
-            trained.bb.model.logits(trained.batch, "bottleneck")
+            loaded.model.logits(trained.batch, "bottleneck")
         assert copies  # unmerged again: PEFT's own path
     finally:
         TrainableTokensLayer.get_merged_weights = originals
-    assert torch.equal(merged_logits, trained.logits)
+    assert torch.equal(merged_logits, want)
     assert torch.equal(embed_layer(hf).weight, table)
-    assert_head_layout(hf, trained.tied)
+    assert_head_layout(hf, trained.tied, loaded=True)
 
 
 def test_generation_never_picks_rows_beyond_the_tokenizer():

@@ -101,6 +101,12 @@ class BackboneAdapter:
         """The vision tower and projector: frozen and run without building a graph."""
         raise NotImplementedError
 
+    def blank_vision_inputs(self, processor) -> dict[str, torch.Tensor]:
+        """The vision inputs of one small blank image, as the model's get_image_features takes them
+        (run on a batch without images so that every ZeRO-3 rank enters the vision tower)."""
+        out = processor.image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+        return {k: out[k] for k in self.vision_keys if k in out}
+
     def text_config(self, model):
         return model.config.get_text_config()
 

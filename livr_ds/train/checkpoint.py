@@ -107,9 +107,26 @@ def _trainable_named(engine) -> list[tuple[str, torch.nn.Parameter]]:
 
 def _zero_optimizer(engine):
     opt = engine.optimizer
-    if not hasattr(opt, "single_partition_of_fp32_groups"):
-        raise CheckpointError(f"resume checkpoints need a ZeRO stage 1/2 optimizer, got {type(opt).__name__}")
+    if not (_fp32_partitions(opt) is not None):
+        raise CheckpointError(f"resume checkpoints need a ZeRO stage 1-3 optimizer, got {type(opt).__name__}")
     return opt
+
+
+def _fp32_partitions(opt) -> list | None:
+    """This rank's flat fp32 master partitions, the tensors the inner optimizer keys its state by:
+    ZeRO-1/2's single_partition_of_fp32_groups, ZeRO-3's fp32_partitioned_groups_flat."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        if hasattr(opt, attr):
+            return getattr(opt, attr)
+    return None
+
+
+def _is_zero3(opt) -> bool:
+    return hasattr(opt, "fp32_partitioned_groups_flat")
+
+
+def _full_shape(p: torch.Tensor) -> tuple:
+    return tuple(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 parameter holds a flat shard
 
 
 def gather_train_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
@@ -119,7 +136,7 @@ def gather_train_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch
 
     opt = _zero_optimizer(engine)
     stepped = bool(opt.optimizer.state)
-    if stepped:
+    if stepped and not _is_zero3(opt):
         _link_optimizer_fragments(opt)
     weights, moments = {}, {}
     for name, p in _trainable_named(engine):
@@ -138,7 +155,7 @@ def _init_adam_state(opt, step: float) -> None:
     """Create the inner optimizer's per-partition Adam state as torch's AdamW would after
     `step` steps (it creates it lazily on the first step), and link DeepSpeed's fragments to it."""
     inner = opt.optimizer
-    for part in opt.single_partition_of_fp32_groups:
+    for part in _fp32_partitions(opt):
         st = inner.state[part]
         st.setdefault("exp_avg", torch.zeros_like(part, memory_format=torch.preserve_format))
         st.setdefault("exp_avg_sq", torch.zeros_like(part, memory_format=torch.preserve_format))
@@ -146,7 +163,8 @@ def _init_adam_state(opt, step: float) -> None:
             st["step"] = torch.tensor(step, dtype=torch.float32)
         else:  # DeepSpeed's CPU Adam counts steps as an int
             st["step"] = int(step)
-    _link_optimizer_fragments(opt)
+    if not _is_zero3(opt):  # ZeRO-3 finds the state through the partitions directly
+        _link_optimizer_fragments(opt)
 
 
 def _link_optimizer_fragments(opt) -> None:
@@ -169,14 +187,18 @@ def scatter_train_state(engine, weights: dict[str, torch.Tensor], moments: dict[
         raise CheckpointError(f"{where}: trainable tensors do not match this model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}): another model, LoRA or latent config?")
     for name, p in named:
-        if tuple(weights[name].shape) != tuple(p.shape):
-            raise CheckpointError(f"{where}: {name} has shape {tuple(weights[name].shape)}, the model {tuple(p.shape)}")
+        if tuple(weights[name].shape) != _full_shape(p):
+            raise CheckpointError(f"{where}: {name} has shape {tuple(weights[name].shape)}, the model {_full_shape(p)}")
     if moments:
         _init_adam_state(opt, step)
     with torch.no_grad():
+        # The working copies (bf16 or fp32, as DeepSpeed leaves them after a step). Under ZeRO-3
+        # each is gathered, written by every rank alike, and re-partitioned at exit.
+        with dist.gathered([p for _, p in named], modifier_rank=0):
+            for name, p in named:
+                p.data.copy_(weights[name].to(device=p.device, dtype=p.dtype))
         for name, p in named:
             value = weights[name].to(p.device)
-            p.data.copy_(value.to(p.dtype))  # the working copy, as DeepSpeed leaves it after a step
             safe_set_full_fp32_param(p, value)
             for key in MOMENTS if moments else ():
                 safe_set_full_optimizer_state(p, moments[f"{name}/{key}"].to(p.device), key)
@@ -275,17 +297,28 @@ def load_resume(engine, path: str) -> dict:
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{os.path.join(path, name)}: cannot read ({type(e).__name__}: {e})") from None
     moments = {k: v for k, v in tensors[OPTIMIZER].items() if k != "_none"}
-    scatter_train_state(engine, tensors[TRAINABLE], moments, float(state.get("optimizer_step", 0)),
+    weights = {_current_name(k): v for k, v in tensors[TRAINABLE].items()}
+    moments = {"/".join([_current_name(k.rsplit("/", 1)[0]), k.rsplit("/", 1)[1]]): v for k, v in moments.items()}
+    scatter_train_state(engine, weights, moments, float(state.get("optimizer_step", 0)),
                         where=os.path.join(path, TRAINABLE))
     if state["world_size"] == dist.world_size():
         state["rng"] = _read_json(os.path.join(path, f"rng_rank{dist.rank()}.json"))
     return state
 
 
+# Checkpoints written before the latent rows became their own module (livr_ds/latents.py) name
+# them as PEFT's trainable-token parameter; the tensor is the same.
+_LEGACY_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta.default"
+
+
+def _current_name(name: str) -> str:
+    return "latent_rows.weight" if name.endswith(_LEGACY_ROWS_SUFFIX) else name
+
+
 def load_resume_weights(model, path: str) -> None:
     """A checkpoint's trainable weights into a plain (non-DeepSpeed) LivrModel, e.g. to compare
     with an export. Names are the engine module's, i.e. LivrModel's own parameter names."""
-    tensors = load_file(os.path.join(path, TRAINABLE))
+    tensors = {_current_name(k): v for k, v in load_file(os.path.join(path, TRAINABLE)).items()}
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():

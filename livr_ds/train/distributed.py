@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -48,6 +50,12 @@ def init(device_type: str | None = None) -> torch.device:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
                                    timeout=datetime.timedelta(minutes=30))
+        # One line per rank (stderr, launched ranks only), as the group sees it: on several nodes a
+        # wrong layout (every node rank 0, a node that is not in the group) shows in the job log.
+        if dist.get_world_size() > 1 or "SLURM_PROCID" in os.environ:
+            print(f"[rank {dist.get_rank()}/{dist.get_world_size()}] host {socket.gethostname()}, local rank "
+                  f"{os.environ['LOCAL_RANK']}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, "
+                  f"{dist.get_backend()}", file=sys.stderr, flush=True)
     if use_cuda:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cpu")
@@ -120,3 +128,22 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter: this rank holds a shard, the full tensor exists only when gathered."""
+    return hasattr(param, "ds_id")
+
+
+def gathered(params, modifier_rank: int | None = None):
+    """Context in which ZeRO-3 parameters are whole on every rank (collective: every rank enters
+    it with the same parameters); with modifier_rank=r, rank r's in-place changes are scattered
+    back at exit. Nothing to do for parameters that are not partitioned (ZeRO 0-2)."""
+    import contextlib
+
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)

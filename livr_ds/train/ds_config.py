@@ -46,12 +46,6 @@ def build_ds_config(path: str, cfg: ExperimentConfig, world_size: int) -> dict:
     params.setdefault("torch_adam", True)  # no extension build; FusedAdam crashed at exit on CPU
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
     _fill(bf16, "enabled", cfg.model.dtype == "bfloat16", "ds.bf16")
-    if ds.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise ConfigError(
-            "ZeRO-3 is not supported yet: it partitions the embedding table that the latent rows "
-            "(PEFT trainable tokens) index into, and exports would need every weight gathered. The "
-            "trainable state of LIVR is small; use ds_configs/zero2.json or zero2_offload.json"
-        )
     if ds.get("fp16", {}).get("enabled") is True:
         raise ConfigError("fp16 is not supported by livr-ds; use model.dtype: bfloat16")
     # The trainer owns the step boundary (train/trainer.py: grad_accum micro-batches, or fewer at
@@ -62,10 +56,13 @@ def build_ds_config(path: str, cfg: ExperimentConfig, world_size: int) -> dict:
                           "the optimizer steps")
     ds["managed_gradient_accumulation"] = False
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2):
-        raise ConfigError(f"zero_optimization.stage {stage}: livr-ds trains with ZeRO stage 1 or 2 "
-                          "(ds_configs/zero2.json, zero2_offload.json); its world-size-free checkpoints read the "
-                          "ZeRO optimizer's fp32 partitions")
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage {stage}: livr-ds trains with ZeRO stage 1, 2 or 3 "
+                          "(ds_configs/zero2.json, zero2_offload.json, zero3.json, zero3_offload.json); its "
+                          "world-size-free checkpoints read the ZeRO optimizer's fp32 partitions")
+    if stage == 3 and cfg.model.trainable != "lora":
+        raise ConfigError(f"model.trainable={cfg.model.trainable!r} with ZeRO-3: a full fine-tune's export is the "
+                          "whole model, which livr-ds writes from one rank; use ZeRO-2, or model.trainable: lora")
     ds.setdefault("steps_per_print", 10**9)  # our own logging
     ds.setdefault("wall_clock_breakdown", False)
     return ds

@@ -48,7 +48,7 @@ def stage_dir(cfg: ExperimentConfig, stage: int | None = None) -> str:
     return os.path.join(cfg.output.dir, f"stage{stage or cfg.stage}")
 
 
-NO_DECAY = ("trainable_tokens", "embed_tokens", "norm", "bias")
+NO_DECAY = ("latent_rows", "embed_tokens", "norm", "bias")
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -106,6 +106,8 @@ class Trainer:
             config=ds,
             lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, plan.warmup_steps, plan.total_steps),
         )
+        # ZeRO-3: every forward gathers partitioned weights, so all ranks run the same forwards.
+        self.backbone.model.lockstep = ds.get("zero_optimization", {}).get("stage", 0) == 3
         if getattr(self.engine, "managed_gradient_accumulation", lambda: True)():
             raise ConfigError(f"DeepSpeed {deepspeed.__version__} steps on its own micro-step counter "
                               "(no managed_gradient_accumulation: false); livr-ds owns the step boundary and is "
@@ -223,9 +225,9 @@ class Trainer:
             if self.stop_requested_anywhere():
                 return self._interrupted(bar)
         bar.close()
+        export.save_export(self.backbone, cfg, cfg.stage, os.path.join(self.out, "export", "final"),
+                           extra={"epoch": st["epoch"], "global_step": st["global_step"]})
         if dist.is_main():
-            export.save_export(self.backbone, cfg, cfg.stage, os.path.join(self.out, "export", "final"),
-                               extra={"epoch": st["epoch"], "global_step": st["global_step"]})
             with open(os.path.join(self.out, "DONE"), "w") as f:
                 f.write(f"{st['global_step']}\n")
         dist.barrier()
@@ -323,10 +325,9 @@ class Trainer:
                          {t: round(v["accuracy"], 2) for t, v in acc["per_task"].items()})
             if st["best_val"] is None or acc["mean"] > st["best_val"]:
                 st["best_val"], st["best_epoch"] = acc["mean"], st["epoch"]
-                if dist.is_main():
-                    export.save_export(self.backbone, self.cfg, self.cfg.stage,
-                                       os.path.join(self.out, "export", "best"),
-                                       extra={"epoch": st["epoch"], "val_accuracy": acc["mean"]})
+                export.save_export(self.backbone, self.cfg, self.cfg.stage,
+                                   os.path.join(self.out, "export", "best"),
+                                   extra={"epoch": st["epoch"], "val_accuracy": acc["mean"]})
             dist.barrier()
         self.save()
 

@@ -1,0 +1,63 @@
+"""Run under torchrun by tests/test_train.py: train a stage with the real Trainer, then gather every
+parameter of the engine's model (ZeRO-3 shards included) and compare it with a freshly built
+backbone of the same config, and write which parameters and which embedding rows changed.
+
+    torchrun --nproc_per_node N tests/frozen_probe.py --report R.json --ds D --config C --set k=v ...
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from livr_ds.config import load_config  # noqa: E402
+from livr_ds.modeling import build_backbone  # noqa: E402
+from livr_ds.train import distributed as dist  # noqa: E402
+from livr_ds.train.trainer import Trainer  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--report", required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--ds", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    device = dist.init()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {dist.rank()}] %(levelname)s %(name)s: %(message)s")
+    trainer = Trainer(cfg, args.ds, resume="none", device=device)
+    partitioned = sorted(n for n, p in trainer.engine.module.named_parameters() if dist.is_partitioned(p))
+    assert trainer.fit() == "done"
+    fresh_model = build_backbone(cfg, policy=cfg.policy(), device=device).model
+    fresh = dict(fresh_model.named_parameters())
+    changed, frozen_checked = [], 0
+    for name, param in trainer.engine.module.named_parameters():
+        with dist.gathered([param]):
+            if not torch.equal(param.detach().cpu(), fresh[name].detach().cpu()):
+                changed.append(name)
+            frozen_checked += not param.requires_grad
+    model = trainer.engine.module
+    table = model.hf_model.get_input_embeddings().weight
+    with dist.gathered([table, *model.latent_rows.parameters()]):
+        ids = torch.arange(table.shape[0], device=table.device)
+        with torch.no_grad():
+            effective = model.hf_model.get_input_embeddings()(ids)  # the hook places the latent rows
+        fresh_table = fresh_model.hf_model.get_input_embeddings().weight
+        moved_rows = (effective.cpu() != fresh_table.cpu()).any(-1).nonzero().flatten().tolist()
+    if dist.is_main():
+        with open(args.report, "w") as f:
+            json.dump({"changed": changed, "frozen_checked": frozen_checked, "moved_rows": moved_rows,
+                       "latent_ids": sorted(set(trainer.backbone.latent_ids)), "partitioned": partitioned,
+                       "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)}, f)
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
