@@ -21,7 +21,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from .atomic import replace_dir, write_json_atomic
-from .latents import peft_rows_key, resize_embeddings, split_adapter_tensors
+from .latents import full_shape, peft_rows_key, resize_embeddings, split_adapter_tensors
 from .modeling import Backbone, LivrModel
 from .train import distributed as dist
 from .models import get_adapter
@@ -99,7 +99,7 @@ def base_fingerprint(hf_model, num_latent_rows: int, num_tokens: int | None = No
     The tokenizer's length, not the table's rows: released Qwen tables have spare rows beyond
     the tokenizer (151,936 rows for ~151,665 tokens), and the latents take spare rows first."""
     text = hf_model.config.get_text_config()
-    rows = hf_model.get_input_embeddings().weight.shape[0]
+    rows = full_shape(hf_model.get_input_embeddings().weight)[0]
     return {
         "model_type": hf_model.config.model_type,
         "hidden_size": text.hidden_size,

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .train import distributed as dist
+
 # PEFT's names for trainable tokens in a saved adapter (peft 0.21, tuners/trainable_tokens):
 # <module path>.token_adapter.trainable_tokens_delta holds the rows' values (not a difference).
 PEFT_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
@@ -47,7 +49,8 @@ def add_latent_tokens(tokenizer, model, num: int, shared: bool, seed: int) -> li
     ids = tokenizer.convert_tokens_to_ids(strings)
     resize_embeddings(model, len(tokenizer))
     embed = model.get_input_embeddings()
-    with torch.no_grad():
+    # Every rank draws the same rows; under ZeRO-3 (a model built partitioned) rank 0's are kept.
+    with dist.gathered([embed.weight], modifier_rank=0), torch.no_grad():
         std = embed.weight.float().std().item()
         gen = torch.Generator().manual_seed(seed)
         unique = sorted(set(ids))
@@ -64,14 +67,19 @@ def resize_embeddings(model, vocab_size: int) -> None:
     through LatentRows' head hook, and through PEFT's tied trainable tokens when an export is
     loaded). No resize happens when the table already has spare rows beyond the tokenizer (the
     released Qwen checkpoints have hundreds): the latents take those rows and their head rows."""
-    old = model.get_input_embeddings().weight.shape[0]
+    old = full_shape(model.get_input_embeddings().weight)[0]
     if vocab_size <= old:
         return
-    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)  # gathers a partitioned table itself
     out = model.get_output_embeddings()
     if out is not None and out.weight is not model.get_input_embeddings().weight:
-        with torch.no_grad():
+        with dist.gathered([out.weight], modifier_rank=0), torch.no_grad():
             out.weight[old:] = 0
+
+
+def full_shape(t: torch.Tensor) -> tuple:
+    """The whole tensor's shape, also for a ZeRO-3 parameter (which holds a flat shard)."""
+    return tuple(getattr(t, "ds_shape", t.shape))
 
 
 def head_is_tied(hf_model) -> bool:
@@ -118,8 +126,9 @@ def build_latent_rows(hf_model, latent_ids: list[int]) -> LatentRows | None:
     unique = sorted(set(latent_ids))
     if not unique:
         return None
-    with torch.no_grad():
-        rows = hf_model.get_input_embeddings().weight[unique]
+    table = hf_model.get_input_embeddings().weight
+    with dist.gathered([table]), torch.no_grad():
+        rows = table[unique].clone()
     return LatentRows(unique, rows)
 
 

@@ -97,7 +97,8 @@ def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device |
                    packed: bool = False) -> Backbone:
     """Load the backbone, add latents, freeze the vision side and wrap the LM in LoRA.
 
-    Deterministic given the config: LoRA's initialisation draws from the seeded global RNG."""
+    Deterministic given the config: LoRA's initialisation draws from the global RNG, seeded just
+    before it (and random `arch:` weights from the same seed before loading)."""
     device = device or torch.device("cpu")
     adapter = get_adapter(cfg.model.family)
     path = resolve_model_path(cfg, adapter)  # may write a tiny model, drawing from the global RNG
@@ -120,6 +121,9 @@ def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device |
     latent_ids = add_latent_tokens(processor.tokenizer, hf_model, cfg.latents.num, cfg.latents.shared, cfg.seed)
     latent_rows = None
     if cfg.model.trainable == "lora":
+        # Seeded again here: how many draws loading took depends on the path (a partitioned ZeRO-3
+        # build, a resized tied table initialise differently), LoRA's initialisation must not.
+        torch.manual_seed(cfg.seed)
         peft_model = wrap_lora(hf_model, adapter, cfg)
         latent_rows = build_latent_rows(hf_model, latent_ids)
     else:  # full fine-tuning trains the whole table, latent rows included

@@ -38,22 +38,23 @@ def main() -> int:
     fresh = dict(fresh_model.named_parameters())
     changed, frozen_checked = [], 0
     for name, param in trainer.engine.module.named_parameters():
-        with dist.gathered([param]):
+        with dist.gathered([param, fresh[name]]):  # the fresh model is built partitioned too under ZeRO-3
             if not torch.equal(param.detach().cpu(), fresh[name].detach().cpu()):
                 changed.append(name)
             frozen_checked += not param.requires_grad
     model = trainer.engine.module
     table = model.hf_model.get_input_embeddings().weight
-    with dist.gathered([table, *model.latent_rows.parameters()]):
+    fresh_table = fresh_model.hf_model.get_input_embeddings().weight
+    with dist.gathered([table, *model.latent_rows.parameters(), fresh_table]):
         ids = torch.arange(table.shape[0], device=table.device)
         with torch.no_grad():
             effective = model.hf_model.get_input_embeddings()(ids)  # the hook places the latent rows
-        fresh_table = fresh_model.hf_model.get_input_embeddings().weight
         moved_rows = (effective.cpu() != fresh_table.cpu()).any(-1).nonzero().flatten().tolist()
     if dist.is_main():
         with open(args.report, "w") as f:
             json.dump({"changed": changed, "frozen_checked": frozen_checked, "moved_rows": moved_rows,
-                       "latent_ids": sorted(set(trainer.backbone.latent_ids)), "partitioned": partitioned,
+                       "latent_ids": sorted(set(trainer.backbone.latent_ids)),
+                       "partitioned": partitioned,
                        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)}, f)
     dist.barrier()
     return 0

@@ -201,6 +201,6 @@ def build_random(path: str, adapter, *, dtype: torch.dtype, attn_implementation:
     config = arch_config(path, adapter, processor)
     with torch.device(device):
         model = adapter.model_class._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: shards hold a part
     log.info("built %s with random weights on %s: %.2fB parameters (%s)", path, device, n / 1e9, dtype)
     return processor, model

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import replace_dir, write_json_atomic
+from ..latents import full_shape
 from . import distributed as dist
 
 log = logging.getLogger(__name__)
@@ -125,10 +126,6 @@ def _is_zero3(opt) -> bool:
     return hasattr(opt, "fp32_partitioned_groups_flat")
 
 
-def _full_shape(p: torch.Tensor) -> tuple:
-    return tuple(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 parameter holds a flat shard
-
-
 def gather_train_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
     """Collective. Full fp32 weights and Adam moments of every trainable parameter (on CPU), and
     the optimizer's step count. Moments are empty before the first step."""
@@ -187,8 +184,8 @@ def scatter_train_state(engine, weights: dict[str, torch.Tensor], moments: dict[
         raise CheckpointError(f"{where}: trainable tensors do not match this model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}): another model, LoRA or latent config?")
     for name, p in named:
-        if tuple(weights[name].shape) != _full_shape(p):
-            raise CheckpointError(f"{where}: {name} has shape {tuple(weights[name].shape)}, the model {_full_shape(p)}")
+        if tuple(weights[name].shape) != full_shape(p):
+            raise CheckpointError(f"{where}: {name} has shape {tuple(weights[name].shape)}, the model {full_shape(p)}")
     if moments:
         _init_adam_state(opt, step)
     with torch.no_grad():

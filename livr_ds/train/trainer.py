@@ -28,7 +28,8 @@ from ..config import ConfigError, ExperimentConfig
 from ..data.collate import LivrCollator
 from ..data.reader import LivrLoader, ShardSource
 from ..data.schema import DataError
-from ..modeling import build_backbone
+from ..modeling import build_backbone, resolve_model_path
+from ..models import get_adapter
 from . import checkpoint
 from . import distributed as dist
 from .ds_config import build_ds_config
@@ -82,7 +83,25 @@ class Trainer:
             ShardSource(s.path, weight=s.weight, split=cfg.data.val_split).resolve()
         torch.manual_seed(cfg.seed)
 
+        ds = build_ds_config(ds_config_path, cfg, dist.world_size())
+        self.zero3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
+        self._zero3_init = None
+        if self.zero3:
+            # Build the model partitioned from the start (deepspeed.zero.Init inside transformers'
+            # from_pretrained, enabled while this object lives): no rank ever holds the whole
+            # backbone (a 72B one is 145 GB in bf16, per rank). A tiny model is written first,
+            # unpartitioned.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            resolve_model_path(cfg, get_adapter(cfg.model.family))
+            self._zero3_init = HfDeepSpeedConfig(ds)
         self.backbone = build_backbone(cfg, policy=self.policy, device=self.device, packed=cfg.data.packing)
+        if self.zero3:
+            frozen = [p for p in self.backbone.model.parameters() if not p.requires_grad]
+            held = sum(p.ds_tensor.numel() if dist.is_partitioned(p) else p.numel() for p in frozen)
+            total = sum(getattr(p, "ds_numel", p.numel()) for p in frozen)
+            log.info("ZeRO-3: the backbone was built partitioned; this rank holds %.1f%% of its %d frozen parameters",
+                     100.0 * held / max(total, 1), total)
         self.init_from = export.init_from_export(self.backbone, cfg, init_from) if init_from else None
         self.backbone.model.to(self.device)
         self.collator = LivrCollator(self.backbone.adapter, self.backbone.processor, self.backbone.latent_ids,
@@ -98,7 +117,6 @@ class Trainer:
             log.warning("optim.global_batch_size is 0: the global batch is micro x accumulation x world size "
                         "= %d and changes with the number of ranks", self.plan.global_batch_size)
 
-        ds = build_ds_config(ds_config_path, cfg, dist.world_size())
         plan = self.plan
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.backbone.model,
@@ -107,7 +125,7 @@ class Trainer:
             lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, plan.warmup_steps, plan.total_steps),
         )
         # ZeRO-3: every forward gathers partitioned weights, so all ranks run the same forwards.
-        self.backbone.model.lockstep = ds.get("zero_optimization", {}).get("stage", 0) == 3
+        self.backbone.model.lockstep = self.zero3
         if getattr(self.engine, "managed_gradient_accumulation", lambda: True)():
             raise ConfigError(f"DeepSpeed {deepspeed.__version__} steps on its own micro-step counter "
                               "(no managed_gradient_accumulation: false); livr-ds owns the step boundary and is "
