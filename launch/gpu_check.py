@@ -13,9 +13,10 @@ not stop the later ones unless they need its output):
   5. compare    the device's Stage 1 losses vs the CPU fp32 reference, step by step
                 (loss and gradient norm; --loss-rtol, default 5% (grad norm 10%) on a GPU for bf16 +
                 flex vs fp32 + sdpa; 0 on CPU, where the two runs must agree bit for bit)
-  6. stage2     `launch/train.py --stage 2 --init-from <stage1>` (flash-attn if installed, else sdpa)
-  7. eval       `launch/eval.py` on the Stage 2 export in all four modes (device and dtype: auto)
-  8. bench      `livr-ds bench --only mask arch eval` on the released 3B/4B architectures (GPU only)
+  6. zero3      Stage 1 under ds_configs/zero3.json on up to 2 devices; its losses vs step 4's
+  7. stage2     `launch/train.py --stage 2 --init-from <stage1>` (flash-attn if installed, else sdpa)
+  8. eval       `launch/eval.py` on the Stage 2 export in all four modes (device and dtype: auto)
+  9. bench      `livr-ds bench --only mask arch eval` on the released 3B/4B architectures (GPU only)
 Summary: <out>/gpu_check.json; exit 1 if any step failed.
 """
 
@@ -131,14 +132,15 @@ def main(argv=None) -> int:
                   args.timeout)
     tiny = os.path.join(out, "tiny-qwen2_5_vl")
 
-    def train_cmd(run_dir: str, stage: str, dtype: str, extra=()):
+    def train_cmd(run_dir: str, stage: str, dtype: str, extra=(), ds: str = "zero2", nproc: int = 1):
         sets = [f"model.path=tiny:{tiny}", f"data.train=[{data}]", f"data.val=[{data}]", f"output.dir={run_dir}",
                 f"model.dtype={dtype}", "logging.wandb=disabled", "logging.every_steps=1", "logging.progress_bar=false",
                 "schedule.stage1_epochs=2", "schedule.stage2_epochs=1", "optim.micro_batch_size=2",
                 "optim.global_batch_size=8", "lora.dropout=0.0", "data.num_workers=1", "data.val_max_samples=8",
                 "output.save_every_steps=1", "output.keep_last=2"]
-        cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port", str(29400 + os.getpid() % 500),
-               os.path.join(ROOT, "launch", "train.py"), "--ds", os.path.join(ROOT, "ds_configs", "zero2.json"),
+        cmd = [py, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+               str(29400 + os.getpid() % 500), os.path.join(ROOT, "launch", "train.py"),
+               "--ds", os.path.join(ROOT, "ds_configs", f"{ds}.json"),
                "--config", os.path.join(ROOT, "configs", "demo.yaml"), "--stage", stage]
         for s in sets:
             cmd += ["--set", s]
@@ -175,6 +177,21 @@ def main(argv=None) -> int:
                  bool(compared) and all(c["rel_diff_loss"] <= rtol and c["rel_diff_grad_norm"] <= 2 * rtol
                                         for c in compared),
                  rtol=rtol, steps=compared, device_steps=len(dev), reference_steps=len(ref))
+
+    # ZeRO-3 (parameters partitioned; every rank enters every module on every forward) on up to
+    # 2 devices, against the device's ZeRO-2 Stage 1: the same recipe (global batch 8).
+    z3_dir = os.path.join(out, "zero3")
+    shutil.rmtree(z3_dir, ignore_errors=True)
+    z3_ranks = min(2, len(env.get("gpus", [])) or 1) if on_gpu else 1
+    z3 = check.run("stage1_zero3", train_cmd(z3_dir, "1", dtype, ds="zero3", nproc=z3_ranks), args.timeout,
+                   env=device_env)
+    if z3["ok"]:
+        z2_losses, z3_losses = losses(os.path.join(dev_dir, "stage1")), losses(os.path.join(z3_dir, "stage1"))
+        z3_tol = rtol if on_gpu else 1e-5  # CPU fp32: only the order of float sums differs
+        rel = [abs(z3_losses[k][0] - z2_losses[k][0]) / max(abs(z2_losses[k][0]), 1e-12)
+               for k in sorted(z2_losses) if k in z3_losses]
+        check.record("stage1_zero3_vs_zero2", bool(rel) and max(rel) <= z3_tol, ranks=z3_ranks, rtol=z3_tol,
+                     max_rel_diff_loss=max(rel) if rel else None, steps=len(rel))
 
     stage2 = check.run("stage2_init_from_stage1",
                        train_cmd(dev_dir, "2", dtype, ["--init-from", os.path.join(dev_dir, "stage1")]),

@@ -134,7 +134,7 @@ def _greedy_cached(model, collator, samples, policy: str, max_new_tokens: int) -
     if "pixel_values" in vision:
         vision["pixel_values"] = vision["pixel_values"].to(hf.dtype)
     elif model.lockstep:
-        model.run_vision_blank()
+        model.run_vision_blank(device)
     cache = DynamicCache(config=model.adapter.text_config(hf))
     generated: list[list[int]] = [[] for _ in encoded]
     active = list(range(B))  # original row of each row still in the cache

@@ -232,7 +232,7 @@ class LivrModel(torch.nn.Module):
         if "pixel_values" in vision:
             vision["pixel_values"] = vision["pixel_values"].to(self.hf_model.dtype)
         elif self.lockstep:
-            self.run_vision_blank()
+            self.run_vision_blank(batch["input_ids"].device)
         return self.hf_model.model(
             input_ids=batch["input_ids"],
             attention_mask=self.attention_mask(batch, policy),
@@ -243,10 +243,9 @@ class LivrModel(torch.nn.Module):
             **kwargs,
         )
 
-    def run_vision_blank(self) -> None:
+    def run_vision_blank(self, device: torch.device) -> None:
         """The vision tower (and projector) on a blank image, output discarded: keeps a rank whose
         batch has no image in step with the others' all-gathers under ZeRO-3."""
-        device = self.hf_model.get_input_embeddings().weight.device
         blank = {k: v.to(device) for k, v in self._blank_vision.items()}
         blank["pixel_values"] = blank["pixel_values"].to(self.hf_model.dtype)
         with torch.no_grad():

@@ -3,7 +3,7 @@
 Parameters are counted exactly: the model is built on the meta device (no memory, no weights)
 from the published spec (`arch:<name>[:<layers>]`) or a checkpoint's config.json, and LoRA is
 counted from the shapes of the Linear layers its target regex reaches (r x (in + out) each, as
-PEFT adds them), plus the K latent rows (trainable tokens: K x hidden).
+PEFT adds them), plus the K latent rows (K x hidden, livr_ds/latents.py).
 
 Why not DeepSpeed's estimators alone: `estimate_zero2_model_states_mem_needs` and
 `estimate_zero3_model_states_mem_needs` (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py)
@@ -123,9 +123,11 @@ def activation_bytes(s: Shapes, *, tokens: int, micro_batch: int = 1, checkpoint
     answer_tokens x vocab x (b logits + 4 fp32 logits + 4 their gradient).
     Frozen vision tower (no graph): the patches (4 per image token at merge 2) through one block at
     a time: hidden in/out, qkv, attention out and MLP intermediate (x2), in b, plus the merged output.
-    Latent rows (PEFT trainable tokens) rebuild the whole vocab x h table on each call; the copy the
-    (tied) head uses is saved for backward and gets a full-size gradient: 2 vocab h b. Measured on
-    CPU this term dominates small-token runs (launch/plan_check.py).
+    Latent rows (livr_ds/latents.py): the hook's gathered rows and its output (2 h b per token), and
+    for a tied head the logits copy that carries the latent columns (answer tokens x vocab x b).
+    (PEFT's trainable tokens, used before, rebuilt the whole vocab x h table on each call and kept
+    a copy and a full-size gradient for the tied head, 2 vocab h b, 2.3 GiB at 3B: measured on CPU
+    it dominated small-token runs, launch/plan_check.py.)
     """
     b = dtype_bytes
     L = tokens * micro_batch
@@ -143,9 +145,9 @@ def activation_bytes(s: Shapes, *, tokens: int, micro_batch: int = 1, checkpoint
     v = s.vision
     patches = img * v["merge"] ** 2
     vision = b * patches * (3 * v["hidden"] + 3 * v["hidden"] + 2 * v["intermediate"]) + b * img * v["out"]
-    table = 2 * s.vocab * h * b if s.latent_params else 0
+    latent = (2 * h * b * L + answer_tokens * micro_batch * s.vocab * b) if s.latent_params else 0
     parts = {"lm_layers": layers, "embed_norm_grad": edges, "lm_head": head, "vision": vision,
-             "latent_table_copies": table}
+             "latent_rows": latent}
     total = sum(parts.values())
     return (total, parts) if detail else total
 

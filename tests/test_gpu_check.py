@@ -23,7 +23,9 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert r.returncode == 0 and summary["ok"], json.dumps([s for s in summary["steps"] if not s["ok"]])[:4000]
     steps = {s["step"]: s for s in summary["steps"]}
     assert {"env", "reference_stage1_cpu_fp32", "stage1_killed", "stage1_resume_auto", "stage1_resumed_from_checkpoint",
-            "stage1_loss_vs_cpu_reference", "stage2_init_from_stage1", "eval_results"} <= steps.keys()
+            "stage1_loss_vs_cpu_reference", "stage1_zero3", "stage1_zero3_vs_zero2", "stage2_init_from_stage1",
+            "eval_results"} <= steps.keys()
+    assert steps["stage1_zero3_vs_zero2"]["steps"] > 0 and steps["stage1_zero3_vs_zero2"]["max_rel_diff_loss"] <= 1e-5
     # On CPU the device run (killed and resumed) must equal the reference bit for bit.
     cmp = steps["stage1_loss_vs_cpu_reference"]
     assert cmp["rtol"] == 0.0 and cmp["steps"] and all(c["device"] == c["cpu_fp32"] for c in cmp["steps"])

@@ -299,17 +299,20 @@ def test_zero3_sigkill_resume_is_bit_exact_and_moves_to_another_world_size(zero3
     assert_each_step_once(tmp_path / "moved" / "stage1")
 
 
-def test_zero3_stage2_from_stage1_equals_zero2(zero3_4, ref4, tmp_path, demo_data, tiny_tied_dirs, zero3):
-    """Stage 2 under both stages from their Stage 1 exports (2 ranks: --init-from across world sizes)."""
+def test_zero3_and_offload_stage2_from_stage1_equal_zero2(zero3_4, ref4, tmp_path, demo_data, tiny_tied_dirs, zero3):
+    """Stage 2 under both stages from their Stage 1 exports (2 ranks: --init-from across world
+    sizes), and ZeRO-3 with parameters and optimizer offloaded to CPU (ds_configs/zero3_offload.json)."""
     model = tiny_tied_dirs["qwen2_5_vl"]
     curves = {}
-    for name, ds, first in (("z2", "zero2", ref4[0]), ("z3", zero3, zero3_4[0])):
+    for name, ds, first in (("z2", "zero2", ref4[0]), ("z3", zero3, zero3_4[0]),
+                            ("z3_offload", "zero3_offload", zero3_4[0])):
         out, _ = train(tmp_path, name, demo_data, model, nproc=2, sets=RECIPE, ds=ds, stage="2",
                        extra=["--init-from", str(first / "stage1")])
         assert (out / "stage2" / "DONE").exists()
         curves[name] = curve(out / "stage2")
     assert len(curves["z3"]) == 2  # schedule.stage2_epochs=1: 10 samples, global batch 8
     assert_close_curves(curves["z3"], curves["z2"], rel=1e-5)
+    assert_close_curves(curves["z3_offload"], curves["z2"], rel=1e-5)
 
 
 # ---- world-size changes: 2 -> 1 -> 2 ranks, the same recipe ------------------------------------
