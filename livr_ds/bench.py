@@ -589,10 +589,10 @@ def bench_eval(model_path: str, family: str, data_dir: str, repeats: int = 3, im
             return generate.greedy_ids(model, gen_collator, [sample], m.policy, max_new_tokens, use_cache=use_cache)
         return run
 
-    # The eval loop (evaluate.evaluate) writes the trained latent rows into the table once per run
-    # (modeling.merged_latent_rows) instead of PEFT copying the table at every call; training
-    # cannot (the rows must get gradients). So: train timed unmerged, then eval timed inside one
-    # merge, as an evaluation run does; the one-time merge is reported on its own.
+    # The eval loop (evaluate.evaluate) runs inside modeling.merged_latent_rows, as timed here. For
+    # an export loaded through PEFT that writes the trained rows into the table once per run
+    # instead of PEFT copying the table at every call; the training model's LatentRows hooks touch
+    # only the latent positions, so for it the merge is a no-op (merge_s ~ 0).
     from .modeling import merged_latent_rows
 
     t = {"train": _timeit(_synced(train_step), repeats)}

@@ -272,7 +272,8 @@ class LivrModel(torch.nn.Module):
 @contextlib.contextmanager
 def merged_latent_rows(module: torch.nn.Module):
     """Write the trained latent rows into the embedding table (and a tied head) for the duration,
-    exactly undone after.
+    exactly undone after. For exports loaded with PEFT (trainable tokens); the training model's
+    LatentRows (livr_ds/latents.py) need no merge, and for it this does nothing.
 
     PEFT's trainable-token layer otherwise builds a fresh copy of the whole table on every call
     (`index_copy` of 151,936 x 2,048 for Qwen2.5-VL-3B), once for the embedding and once for a
