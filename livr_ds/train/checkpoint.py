@@ -108,7 +108,7 @@ def _trainable_named(engine) -> list[tuple[str, torch.nn.Parameter]]:
 
 def _zero_optimizer(engine):
     opt = engine.optimizer
-    if not (_fp32_partitions(opt) is not None):
+    if _fp32_partitions(opt) is None:
         raise CheckpointError(f"resume checkpoints need a ZeRO stage 1-3 optimizer, got {type(opt).__name__}")
     return opt
 
