@@ -28,7 +28,7 @@ from livr_ds import segments  # noqa: E402
 from livr_ds.config import load_config  # noqa: E402
 from livr_ds.data.collate import LivrCollator  # noqa: E402
 from livr_ds.data.schema import Sample  # noqa: E402
-from livr_ds.modeling import build_backbone  # noqa: E402
+from livr_ds.modeling import build_backbone, enable_gradient_checkpointing  # noqa: E402
 from livr_ds.plan import activation_bytes, build_meta, count_shapes  # noqa: E402
 
 
@@ -88,8 +88,7 @@ def main() -> None:
     step()  # warm-up: one-off allocations (thread pools, caches)
     for ckpt in (False, True):
         if ckpt:
-            model.peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.peft_model.enable_input_require_grads()
+            enable_gradient_checkpointing(model.peft_model, model.hf_model)  # as build_backbone does
             step()
         measured = min(measure(step) for _ in range(3))
         predicted, parts = activation_bytes(shapes, tokens=tokens, checkpointing=ckpt, dtype_bytes=4,

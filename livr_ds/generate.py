@@ -120,7 +120,16 @@ def _greedy_cached(model, collator, samples, policy: str, max_new_tokens: int) -
     hf = model.hf_model
     device = next(model.parameters()).device
     banned = banned_ids(collator, model.hf_model.config.get_text_config().vocab_size)
-    encoded = [collator.encode(s) for s in samples]
+    if model.lockstep:  # a sample one rank cannot encode must stop every rank, not leave them waiting
+        try:
+            encoded, failure = [collator.encode(s) for s in samples], None
+        except Exception as e:  # noqa: BLE001 (re-raised below, on this rank and the others)
+            encoded, failure = None, e
+        if dist.any_rank(failure is not None):
+            raise RuntimeError("a validation sample could not be encoded on some rank (its log names it); "
+                               "stopping every rank") from failure
+    else:
+        encoded = [collator.encode(s) for s in samples]
     batch = to_device(collator.pad(encoded), device)
     seg, doc, input_ids = batch["segment_ids"], batch["doc_ids"], batch["input_ids"]
     B = seg.shape[0]
@@ -134,7 +143,7 @@ def _greedy_cached(model, collator, samples, policy: str, max_new_tokens: int) -
     if "pixel_values" in vision:
         vision["pixel_values"] = vision["pixel_values"].to(hf.dtype)
     elif model.lockstep:
-        model.run_vision_blank(device)
+        model.blank_vision_next(device)
     cache = DynamicCache(config=model.adapter.text_config(hf))
     generated: list[list[int]] = [[] for _ in encoded]
     active = list(range(B))  # original row of each row still in the cache

@@ -55,7 +55,7 @@ def add_latent_tokens(tokenizer, model, num: int, shared: bool, seed: int) -> li
         gen = torch.Generator().manual_seed(seed)
         unique = sorted(set(ids))
         rows = torch.randn(len(unique), embed.weight.shape[1], generator=gen) * std
-        embed.weight[unique] = rows.to(embed.weight.dtype)
+        embed.weight[unique] = rows.to(device=embed.weight.device, dtype=embed.weight.dtype)  # CUDA table
     return ids
 
 

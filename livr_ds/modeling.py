@@ -129,10 +129,23 @@ def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device |
     else:  # full fine-tuning trains the whole table, latent rows included
         peft_model = unfreeze_full(hf_model, adapter, cfg.model.trainable)
     if cfg.model.gradient_checkpointing:
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        peft_model.enable_input_require_grads()
+        enable_gradient_checkpointing(peft_model, hf_model)
     model = LivrModel(peft_model, adapter, processor, backend, latent_rows=latent_rows)
     return Backbone(model, processor, adapter, latent_ids, path)
+
+
+def enable_gradient_checkpointing(peft_model, hf_model) -> None:
+    """Non-reentrant checkpointing of the decoder layers, and the LM's input embeddings marked as
+    needing grad. Not transformers' enable_input_require_grads (gradient_checkpointing_enable
+    calls it, so its hooks are removed again): in 5.24 it hooks the input
+    embeddings of every sub-model, the vision tower's patch embedding included, which makes the
+    frozen tower build a graph, be recomputed and backpropagated for nothing (and, under ZeRO-3,
+    all-gathered again in every backward)."""
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for model in (hf_model, *[m for m in hf_model.modules() if hasattr(m, "_require_grads_hooks")]):
+        if hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()  # gradient_checkpointing_enable set them on every sub-model
+    hf_model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
 
 
 def wrap_lora(hf_model, adapter: BackboneAdapter, cfg: ExperimentConfig):
@@ -182,6 +195,12 @@ class LivrModel(torch.nn.Module):
             latent_rows.attach(self.hf_model)
         self.lockstep = False
         self._blank_vision = adapter.blank_vision_inputs(processor)
+        self._blank_due: torch.device | None = None
+        # The real path runs the vision tower inside the VL model's forward, right after the token
+        # embedding: a blank pass is run at that same point (so every rank's all-gathers come in
+        # the same order, and inside the VL model's own forward, whose direct parameters, e.g.
+        # LLaVA-OneVision's image_newline, ZeRO-3 has gathered by then).
+        self.hf_model.get_input_embeddings().register_forward_hook(self._blank_vision_hook)
 
     @property
     def hf_model(self):
@@ -232,7 +251,7 @@ class LivrModel(torch.nn.Module):
         if "pixel_values" in vision:
             vision["pixel_values"] = vision["pixel_values"].to(self.hf_model.dtype)
         elif self.lockstep:
-            self.run_vision_blank(batch["input_ids"].device)
+            self.blank_vision_next(batch["input_ids"].device)
         return self.hf_model.model(
             input_ids=batch["input_ids"],
             attention_mask=self.attention_mask(batch, policy),
@@ -242,6 +261,15 @@ class LivrModel(torch.nn.Module):
             **vision,
             **kwargs,
         )
+
+    def blank_vision_next(self, device: torch.device) -> None:
+        """Run the vision tower on a blank image during the next forward (lockstep, no image)."""
+        self._blank_due = device
+
+    def _blank_vision_hook(self, module, args, out):
+        if self._blank_due is not None:
+            device, self._blank_due = self._blank_due, None
+            self.run_vision_blank(device)
 
     def run_vision_blank(self, device: torch.device) -> None:
         """The vision tower (and projector) on a blank image, output discarded: keeps a rank whose

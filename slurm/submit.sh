@@ -4,7 +4,8 @@
 #
 #   slurm/submit.sh --config configs/<exp>.yaml [--nodes N] [--gpus-per-node G]
 #       [--tasks-per-node T] [--cpus-per-task C] [--partition P] [--time T] [--account A]
-#       [--name NAME] [--set k=v ...] [--dry-run] [-- extra sbatch options]
+#       [--name NAME] [--launcher srun|torchrun] [--ds DEEPSPEED_JSON] [--set k=v ...] [--dry-run]
+#       [-- extra sbatch options]
 #
 # Prints one machine-readable line per submitted job, `stage1=<id>` and `stage2=<id>`
 # (+ `output_dir=<dir>`); everything else goes to stderr. Stage 1 is skipped when the config's
@@ -14,15 +15,18 @@
 # (appended across requeues). Run from the directory the config's relative paths are relative
 # to (usually the repository root): the jobs run there too. --dry-run prints the sbatch
 # commands instead of submitting them. LIVR_PYTHON picks the Python (default: python).
+# --launcher torchrun starts one torchrun agent per node instead of one srun task per rank
+# (LIVR_LAUNCHER in train.sbatch; slurm/README.md, "Several nodes"). --ds picks the DeepSpeed
+# config of both stages (default ds_configs/zero2.json; ZeRO-3: ds_configs/zero3.json).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${LIVR_PYTHON:-python}
 
-usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 die() { echo "submit.sh: $*" >&2; exit 2; }
 
-CONFIG="" NODES=1 GPUS="" TPN="" CPT="" PARTITION="" TIME="" ACCOUNT="" NAME="" DRY=0
+CONFIG="" NODES=1 LAUNCHER="" DS="" GPUS="" TPN="" CPT="" PARTITION="" TIME="" ACCOUNT="" NAME="" DRY=0
 SETS=() EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -35,6 +39,8 @@ while [ $# -gt 0 ]; do
         --time|-t) TIME=${2:?}; shift 2 ;;
         --account|-A) ACCOUNT=${2:?}; shift 2 ;;
         --name) NAME=${2:?}; shift 2 ;;
+        --launcher) LAUNCHER=${2:?}; shift 2 ;;
+        --ds) DS=${2:?}; shift 2 ;;
         --set) SETS+=("${2:?--set needs key=value}"); shift 2 ;;
         --set=*) SETS+=("${1#--set=}"); shift ;;
         --dry-run) DRY=1; shift ;;
@@ -67,7 +73,18 @@ LOG_DIR=$OUT_DIR/logs
 
 # The jobs get this environment (sbatch's default --export=ALL), plus where the code is.
 export LIVR_DS_ROOT=$ROOT LIVR_PYTHON=$PYTHON
+if [ -n "$DS" ]; then  # the jobs may start in another directory: an absolute path
+    case "$DS" in /*) ;; *) DS="$PWD/$DS" ;; esac
+    [ -f "$DS" ] || die "--ds: no such DeepSpeed config: $DS"
+fi
+case "$LAUNCHER" in
+    "") ;;
+    srun|torchrun) export LIVR_LAUNCHER=$LAUNCHER ;;
+    *) die "--launcher must be srun or torchrun, not $LAUNCHER" ;;
+esac
 COMMON=(--parsable --nodes="$NODES" --ntasks-per-node="$TPN")
+# train.sbatch reads LIVR_DS_CONFIG; given as sbatch's --export so it shows in --dry-run
+[ -z "$DS" ] || COMMON+=(--export="ALL,LIVR_DS_CONFIG=$DS")
 [ -z "$GPUS" ] || COMMON+=(--gpus-per-node="$GPUS")
 [ -z "$CPT" ] || COMMON+=(--cpus-per-task="$CPT")
 [ -z "$PARTITION" ] || COMMON+=(--partition="$PARTITION")

@@ -49,3 +49,46 @@ def photos():
         arr = getattr(data, name)()
         out.append(Image.fromarray(arr).convert("RGB").resize((112, 112)))
     return out
+
+
+# ---- SLURM (tests/test_slurm.py, tests/test_multinode.py) ---------------------------------------
+# Session-wide, so the one-node reference training chain runs once and both modules compare with
+# it: the multi-node runs must equal this one-node run of the same world size bit for bit.
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A private one-node SLURM cluster (tests/slurm_cluster.py); skips where none can start."""
+    import slurm_cluster as sc
+
+    reason = sc.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = sc.SlurmCluster.start(timeout=60)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def train_setup(slurm, tmp_path_factory):
+    """(directory, --set overrides): demo shards and a tiny model the SLURM jobs train on."""
+    from test_slurm import make_train_data
+
+    tmp = tmp_path_factory.mktemp("slurm-train")
+    return tmp, make_train_data(tmp)
+
+
+@pytest.fixture(scope="session")
+def reference_chain(slurm, train_setup):
+    """Stage 1 -> Stage 2 through slurm/submit.sh, one node x 2 tasks, uninterrupted (<tmp>/ref)."""
+    import time
+
+    from test_slurm import _read, _run_chain
+
+    tmp, overrides = train_setup
+    t0 = time.time()
+    res = _run_chain(slurm, tmp, overrides, str(tmp / "ref"))
+    res["seconds"] = time.time() - t0
+    res["steps"] = {s: int(_read(tmp / "ref" / s / "DONE").strip() or 0) if os.path.exists(tmp / "ref" / s / "DONE")
+                    else 0 for s in ("stage1", "stage2")}
+    res["dir"] = tmp / "ref"
+    return res

@@ -23,6 +23,7 @@ Needs root (slurmd must start job processes) and the Debian packages slurm-wlm +
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,31 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP_SCRIPT = os.path.join(REPO, ".ci", "setup_slurm.sh")
 PREFIX = "livr-ds-slurm-"
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
+
+
+def make_cluster_dirs(root: str) -> str:
+    """state/, spool/, log/ and munge/ (a fresh key) under a cluster's root; returns the munge
+    socket path."""
+    for d in ("state", "spool", "log", "munge"):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    os.chmod(os.path.join(root, "munge"), 0o700)
+    key = os.path.join(root, "munge", "munge.key")
+    with open(key, "wb") as f:
+        f.write(os.urandom(1024))
+    os.chmod(key, 0o400)
+    return os.path.join(root, "munge", "munge.socket")
+
+
+def shared_conf(root: str) -> str:
+    """The slurm.conf lines every test cluster (one host, several namespaced hosts) shares: no
+    cgroups, no accounting, a quick scheduler, requeue allowed."""
+    return "\n".join(line.format(r=root) for line in (
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_CPU", "SchedulerType=sched/backfill", "SchedulerParameters=sched_interval=2",
+        "MpiDefault=none", "PlugStackConfig={r}/plugstack.conf", "SwitchType=switch/none",
+        "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
+        "JobCompType=jobcomp/filetxt", "JobCompLoc={r}/log/jobcomp.txt", "JobRequeue=1", "ReturnToService=2",
+        "KillWait=10"))
 
 
 class ClusterError(RuntimeError):
@@ -155,7 +181,25 @@ def _teardown_dir(root: str) -> None:
     _kill(strays, wait=3)
     _kill(pids, wait=5)
     _kill(_pids_with_env(f"SLURM_CONF={conf}"), wait=2)
+    _teardown_network(root)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _teardown_network(root: str) -> None:
+    """A multi-host cluster's links (tests/slurm_multihost.py), named in its network.json. Its
+    node namespaces die with their processes (killed above: they carry SLURM_CONF); the veth
+    host ends go with them, and are deleted here too in case one lingers; the bridge does not."""
+    path = os.path.join(root, "network.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rec = json.load(f)
+    ip = _which("ip")
+    if not ip:
+        return
+    for link in [*rec.get("links", []), rec.get("bridge")]:
+        if link and subprocess.run([ip, "link", "show", link], capture_output=True, timeout=10).returncode == 0:
+            subprocess.run([ip, "link", "del", link], capture_output=True, timeout=20)
 
 
 # ---- the cluster ------------------------------------------------------------------------------
@@ -205,14 +249,7 @@ class SlurmCluster:
 
     def _write_config(self, cred_expire: int) -> None:
         r = self.root
-        for d in ("state", "spool", "log", "munge"):
-            os.makedirs(os.path.join(r, d), exist_ok=True)
-        os.chmod(os.path.join(r, "munge"), 0o700)
-        key = os.path.join(r, "munge", "munge.key")
-        with open(key, "wb") as f:
-            f.write(os.urandom(1024))
-        os.chmod(key, 0o400)
-        self.munge_socket = os.path.join(r, "munge", "munge.socket")
+        self.munge_socket = make_cluster_dirs(r)
         ctld_port, d_port = _free_ports(2)
         lines = f"""
             ClusterName=livrtest
@@ -234,22 +271,7 @@ class SlurmCluster:
             SlurmdLogFile={r}/log/slurmd.log
             SlurmctldDebug=info
             SlurmdDebug=info
-            ProctrackType=proctrack/linuxproc
-            TaskPlugin=task/none
-            SelectType=select/cons_tres
-            SelectTypeParameters=CR_CPU
-            SchedulerType=sched/backfill
-            SchedulerParameters=sched_interval=2
-            MpiDefault=none
-            PlugStackConfig={r}/plugstack.conf
-            SwitchType=switch/none
-            AccountingStorageType=accounting_storage/none
-            JobAcctGatherType=jobacct_gather/none
-            JobCompType=jobcomp/filetxt
-            JobCompLoc={r}/log/jobcomp.txt
-            JobRequeue=1
-            ReturnToService=2
-            KillWait=10
+            {shared_conf(r)}
             MinJobAge=120
             SlurmctldTimeout=30
             SlurmdTimeout=60

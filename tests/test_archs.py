@@ -159,4 +159,4 @@ def test_72b_zero3_example_one_node_and_offload(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "examples", "qwen2_5_vl_72b_zero3.sh"), "--dry-run"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60,
                           env={**os.environ, "LIVR_PYTHON": sys.executable, "DS": str(missing)})
-    assert proc.returncode == 2 and "DeepSpeed config not found" in proc.stderr
+    assert proc.returncode == 2 and "--ds: no such DeepSpeed config" in proc.stderr and str(missing) in proc.stderr

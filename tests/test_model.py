@@ -314,3 +314,20 @@ def test_a_batch_without_answer_tokens_still_runs_the_lm_head(tiny_dirs, photos)
     loss.backward()
     assert heads and loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in bb.model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_leaves_the_frozen_vision_tower_without_a_graph(tiny_dirs, photos, family):
+    """transformers' enable_input_require_grads would also hook the vision tower's patch embedding:
+    the frozen tower would then be recomputed and backpropagated (and under ZeRO-3 gathered again)."""
+    bb = make_backbone(tiny_dirs, family, **{"model.gradient_checkpointing": "true"})
+    graphs = []
+    for mod in bb.adapter.vision_modules(bb.model.hf_model):
+        mod.register_forward_hook(lambda m, a, out: graphs.append(
+            any(t.requires_grad for t in (out if isinstance(out, (tuple, list)) else [getattr(out, "last_hidden_state", out)])
+                if torch.is_tensor(t))))
+    col = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
+    loss = bb.model.train()(col([sample(photos[:1], "a")]), "bottleneck")
+    loss.backward()
+    assert graphs and not any(graphs)
+    assert bb.model.latent_rows.weight.grad is not None and bb.model.latent_rows.weight.grad.any()

@@ -97,8 +97,7 @@ def test_plan_72b_on_two_nodes_zero2_does_not_fit_zero3_does(capsys):
 def test_activation_estimate_within_the_stated_error_of_the_measured_peak():
     """launch/plan_check.py on a small arch model (Qwen2.5-VL-3B geometry, 2 LM layers, one 224 x 224
     image): the predicted activation bytes vs the peak RSS of a real forward + backward. The stated
-    error (docs/performance.md): within 25% without gradient checkpointing; with it the model reads
-    low, by up to half."""
+    error (docs/performance.md): within 35% either way (measured +13% off, +25% on)."""
     import subprocess
     import sys
 
@@ -108,5 +107,5 @@ def test_activation_estimate_within_the_stated_error_of_the_measured_peak():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {row["gradient_checkpointing"]: row for row in map(json.loads, r.stdout.strip().splitlines())}
     assert rows[False]["measured_mib"] > 20 and rows[True]["measured_mib"] > 20  # something was measured
-    assert abs(rows[False]["error"]) <= 0.25, rows[False]
-    assert -0.5 <= rows[True]["error"] <= 0.25, rows[True]
+    assert abs(rows[False]["error"]) <= 0.35, rows[False]
+    assert abs(rows[True]["error"]) <= 0.35, rows[True]

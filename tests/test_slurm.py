@@ -31,14 +31,9 @@ DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 pytestmark = pytest.mark.timeout(600)  # every wait below is bounded too; this is the backstop
 
 
-@pytest.fixture(scope="session")
-def slurm():
-    reason = sc.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    cluster = sc.SlurmCluster.start(timeout=60)
-    yield cluster
-    cluster.stop()
+# The one-node cluster (`slurm`), the demo data (`train_setup`) and the uninterrupted reference
+# chain (`reference_chain`) are session fixtures in conftest.py: tests/test_multinode.py compares
+# its multi-node runs with the same reference run.
 
 
 def _read(path: str) -> str:
@@ -341,9 +336,8 @@ def _train_overrides(tmp: str, data: str) -> list[str]:
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
 
-@pytest.fixture(scope="module")
-def train_setup(slurm, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("slurm-train")
+def make_train_data(tmp) -> list[str]:
+    """Demo shards and a tiny model under `tmp`; returns the --set overrides that train on them."""
     data = tmp / "demo_data"
     proc = subprocess.run([sys.executable, "-m", "livr_ds.cli", "shards", "demo", "--out", str(data), "--n-train", "16",
                            "--n-val", "4", "--n-test", "4", "--tasks", "counting", "localization", "--no-progress"],
@@ -353,12 +347,12 @@ def train_setup(slurm, tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "livr_ds.cli", "tiny-model", "--family", "qwen2_5_vl",
                            "--out", str(tmp / "tiny-model")], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
-    return tmp, _train_overrides(str(tmp), str(data))
+    return _train_overrides(str(tmp), str(data))
 
 
-def _run_chain(slurm, tmp, overrides, out_dir, interrupt=None, timeout=300) -> dict:
-    ids = _submit(slurm, tmp, "--config", DEMO, "--tasks-per-node", "2", "--cpus-per-task", "1",
-                  *overrides, "--set", f"output.dir={out_dir}")
+def _run_chain(slurm, tmp, overrides, out_dir, interrupt=None, timeout=300,
+               layout=("--tasks-per-node", "2", "--cpus-per-task", "1"), env=None) -> dict:
+    ids = _submit(slurm, tmp, "--config", DEMO, *layout, *overrides, "--set", f"output.dir={out_dir}", env=env)
     s1, s2 = int(ids["stage1"]), int(ids["stage2"])
     pending = slurm.job(s2)
     assert pending.get("JobState") == "PENDING" and f"afterok:{s1}" in pending.get("Dependency", ""), pending
@@ -370,17 +364,6 @@ def _run_chain(slurm, tmp, overrides, out_dir, interrupt=None, timeout=300) -> d
     logs = {n: _read(p) for n, p in [(n, (glob.glob(os.path.join(out_dir, "logs", f"*-{j}.out")) or [None])[0])
                                      for n, j in (("stage1", s1), ("stage2", s2))] if p}
     return {"ids": (s1, s2), "info": (i1, i2), "logs": logs}
-
-
-@pytest.fixture(scope="module")
-def reference_chain(slurm, train_setup):
-    tmp, overrides = train_setup
-    t0 = time.time()
-    res = _run_chain(slurm, tmp, overrides, str(tmp / "ref"))
-    res["seconds"] = time.time() - t0
-    res["steps"] = {s: int(_read(tmp / "ref" / s / "DONE").strip() or 0) if os.path.exists(tmp / "ref" / s / "DONE")
-                    else 0 for s in ("stage1", "stage2")}
-    return res
 
 
 def test_submit_runs_stage1_then_stage2(slurm, train_setup, reference_chain):

@@ -9,16 +9,14 @@
 #   NODES=1 slurm/examples/qwen2_5_vl_72b_zero3.sh          # one node: the paper's global batch 8
 #   DS=ds_configs/zero3_offload.json slurm/examples/...     # optimizer state in CPU memory
 #
-# Arguments are submit.sh options (--dry-run, --set k=v, --account A, --name N); do not pass `--`:
-# this script gives sbatch its own extra options after it.
+# Arguments are submit.sh options (--dry-run, --set k=v, --account A, --name N, -- sbatch options).
 #
 # Memory (`livr-ds plan`, docs/performance.md "Memory plans for the released backbones"): ZeRO-2
 # does not fit (every rank would hold the 137 GiB of bf16 weights); ZeRO-3 needs about 32 GiB per
 # GPU on 16 x 80 GiB (41 GiB on 8). Gradient checkpointing is on in the config.
 #
-# DeepSpeed config: slurm/train.sbatch reads LIVR_DS_CONFIG (default ds_configs/zero2.json);
-# submit.sh has no option for it, so it is handed to the jobs through sbatch's --export (ALL keeps
-# the rest of the environment, which the jobs rely on), and it shows in the --dry-run lines.
+# DeepSpeed config: submit.sh --ds (both stages; it reaches slurm/train.sbatch as LIVR_DS_CONFIG
+# through sbatch's --export=ALL,..., which shows in the --dry-run lines).
 #
 # Global batch: the paper's 8 cannot be spread over 16 ranks at micro batch 1 (the trainer refuses
 # it at start-up). With NODES > 1 this script sets optim.global_batch_size = 8 x NODES (16 on 2
@@ -33,8 +31,6 @@ PARTITION=${PARTITION:-gpu}
 TIME=${TIME:-48:00:00}
 NODES=${NODES:-2}
 DS=${DS:-ds_configs/zero3.json}
-case "$DS" in /*) ;; *) DS="$PWD/$DS" ;; esac  # the jobs may start elsewhere: an absolute path
-[ -f "$DS" ] || { echo "qwen2_5_vl_72b_zero3.sh: DeepSpeed config not found: $DS" >&2; exit 2; }
 
 SETS=()
 if [ "$NODES" -gt 1 ]; then
@@ -42,5 +38,4 @@ if [ "$NODES" -gt 1 ]; then
 fi
 
 slurm/submit.sh --config configs/livr_qwen2_5_vl_72b.yaml --nodes "$NODES" --gpus-per-node 8 \
-    --cpus-per-task 8 --partition "$PARTITION" --time "$TIME" "${SETS[@]}" "$@" \
-    -- --export="ALL,LIVR_DS_CONFIG=$DS"
+    --cpus-per-task 8 --partition "$PARTITION" --time "$TIME" --ds "$DS" "${SETS[@]}" "$@"
