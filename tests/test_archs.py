@@ -29,8 +29,8 @@ RELEASED = {
     "qwen3_vl_8b": 8_767_123_696,  # total_size 17,534,247,392
     "qwen3_vl_32b": 33_357_390_064,  # total_size 66,714,780,128
 }
-# Not confirmed against a released number (the 72B's index is not in the stored sources; only rounded
-# sizes, 73B, were found): what the transcribed config.json builds, pinned so it cannot drift unseen.
+# Not confirmed as a whole against a released number (the 72B's index is not in the stored sources),
+# but by parts (test_72b_count_checked_by_parts); pinned so it cannot drift unseen.
 UNVERIFIED = {"qwen2_5_vl_72b": 73_410_777_344}
 
 NEW_CONFIGS = {  # config file -> (arch, family, checkpoint directory name)
@@ -160,3 +160,22 @@ def test_72b_zero3_example_one_node_and_offload(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=60,
                           env={**os.environ, "LIVR_PYTHON": sys.executable, "DS": str(missing)})
     assert proc.returncode == 2 and "--ds: no such DeepSpeed config" in proc.stderr and str(missing) in proc.stderr
+
+
+def test_72b_count_checked_by_parts():
+    """The 72B's own index is not in the stored sources; its two parts are: the language model is
+    Qwen2.5-72B-Instruct's (total_size 145,412,407,296 B = 72,706,203,648 bf16 parameters), the vision
+    tower the released 32B's (its total minus Qwen2.5-32B-Instruct's 32,763,876,352) with the merger's
+    last Linear widened from 5,120 to 8,192 outputs."""
+    def parts(name):
+        spec = PUBLISHED[name]
+        _, model = build_random(f"arch:{name}", get_adapter(spec["family"]), dtype=torch.bfloat16,
+                                attn_implementation="sdpa", device="meta")
+        vision = sum(p.numel() for p in model.model.visual.parameters())
+        return sum(p.numel() for p in model.parameters()) - vision, vision
+
+    lm72, vision72 = parts("qwen2_5_vl_72b")
+    lm32, vision32 = parts("qwen2_5_vl_32b")
+    assert lm72 == 145_412_407_296 // 2
+    assert lm32 == 32_763_876_352 and vision32 == RELEASED["qwen2_5_vl_32b"] - 32_763_876_352
+    assert vision72 == vision32 + 5120 * (8192 - 5120) + (8192 - 5120)

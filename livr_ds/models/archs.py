@@ -96,7 +96,10 @@ PUBLISHED = {
     # checkpoint's is 29568 (the Qwen2 / Qwen2.5 72B language model's, as in configs derived from
     # Qwen/Qwen2-VL-72B-Instruct, e.g. https://huggingface.co/neuralmagic/Qwen2-VL-72B-Instruct-quantized.w4a16/
     # blob/refs%2Fpr%2F1/config.json).
-    # params: NOT checked against a released number. The 72B's model.safetensors.index.json total_size is
+    # params, checked by parts (tests/test_archs.py): the language model builds exactly Qwen2.5-72B-Instruct's
+    # released size, 72,706,203,648 (its index's total_size 145,412,407,296 B / 2, quoted in public code),
+    # and the vision tower exactly the Qwen2.5-VL-32B's (verified through that model's total) plus the
+    # merger's wider output (5,120 x 3,072 + 3,072). Not checked as a whole: the 72B's own total_size is
     # not in the stored sources (searched for both candidates, 146,821,554,688 and 146,812,702,720 B); only
     # rounded sizes were found ("73B" for its quantized derivatives on huggingface.co/models?other=
     # base_model:quantized:Qwen/Qwen2.5-VL-72B-Instruct), which both match. The count below is what this
