@@ -5,36 +5,24 @@ backbone of the same config, and write which parameters and which embedding rows
     torchrun --nproc_per_node N tests/frozen_probe.py --report R.json --ds D --config C --set k=v ...
 """
 
-import argparse
 import json
-import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import torch  # noqa: E402
 
-from livr_ds.config import load_config  # noqa: E402
 from livr_ds.modeling import build_backbone  # noqa: E402
 from livr_ds.train import distributed as dist  # noqa: E402
-from livr_ds.train.trainer import Trainer  # noqa: E402
+from probe_common import start_trainer  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--report", required=True)
-    p.add_argument("--config", required=True)
-    p.add_argument("--ds", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    args = p.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    device = dist.init()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {dist.rank()}] %(levelname)s %(name)s: %(message)s")
-    trainer = Trainer(cfg, args.ds, resume="none", device=device)
+    args, cfg, trainer = start_trainer(resume="none")
     partitioned = sorted(n for n, p in trainer.engine.module.named_parameters() if dist.is_partitioned(p))
     assert trainer.fit() == "done"
-    fresh_model = build_backbone(cfg, policy=cfg.policy(), device=device).model
+    fresh_model = build_backbone(cfg, policy=cfg.policy(), device=trainer.device).model
     fresh = dict(fresh_model.named_parameters())
     changed, frozen_checked = [], 0
     for name, param in trainer.engine.module.named_parameters():

@@ -5,34 +5,22 @@ exactly (gathered back from the ZeRO partitions), write what was found, then tra
     torchrun --nproc_per_node N tests/resume_probe.py --report R.json --config C --set k=v ...
 """
 
-import argparse
 import json
-import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from livr_ds.config import load_config  # noqa: E402
 from livr_ds.train import checkpoint  # noqa: E402
 from livr_ds.train import distributed as dist  # noqa: E402
-from livr_ds.train.trainer import Trainer  # noqa: E402
+from probe_common import start_trainer  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--report", required=True)
-    p.add_argument("--config", required=True)
-    p.add_argument("--ds", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    args = p.parse_args()
-    cfg = load_config(args.config, args.overrides)
-    device = dist.init()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {dist.rank()}] %(levelname)s %(name)s: %(message)s")
-    trainer = Trainer(cfg, args.ds, resume="auto", device=device)
+    args, cfg, trainer = start_trainer(resume="auto")
     assert trainer.resumed_from, "nothing to resume from"
     weights, moments, step = checkpoint.gather_train_state(trainer.engine)
     saved_w = load_file(os.path.join(trainer.resumed_from, checkpoint.TRAINABLE))

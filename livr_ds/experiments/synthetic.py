@@ -5,7 +5,7 @@ at a random place, in one of four colours (slightly jittered); the four options 
 colour names in the same order, so the answer letter names the colour and the question carries no
 information about it (chance = 25 %, answers exactly balanced per split). The colour is a
 content-level property: nothing about the square's position is asked (a position task was
-memorised under the bottleneck instead of generalising, LIVR.md).
+memorised under the bottleneck instead of generalising, in an earlier tiny-model reproduction).
 
 Every sample is a pure function of (seed, split, index), so the data is reproducible and as much
 fresh data as a run needs is cheap to make.
