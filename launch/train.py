@@ -13,13 +13,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from livr_ds.config import ConfigError, load_config  # noqa: E402
+from livr_ds.config import ConfigError, load_config, resolve_deepspeed_config  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML")
-    p.add_argument("--ds", default="ds_configs/zero2.json", help="DeepSpeed JSON; 'auto' fields come from the YAML")
+    p.add_argument("--ds", default=None,
+                   help="DeepSpeed JSON (default: the experiment's `deepspeed` key); 'auto' fields come from the YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set latents.num=8 (repeatable)")
     p.add_argument("--stage", choices=["1", "2", "all"], default=None)
@@ -53,18 +54,21 @@ def main(argv=None) -> int:
     try:
         stage_overrides = [] if args.stage in (None, "all") else [f"stage={args.stage}"]
         cfg = load_config(args.config, args.overrides + stage_overrides)
+        ds = resolve_deepspeed_config(cfg, args.ds)
+        if args.ds and os.path.basename(ds) != os.path.basename(cfg.deepspeed):
+            print(f"note: --ds {args.ds} replaces the experiment's deepspeed: {cfg.deepspeed}", file=sys.stderr)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from livr_ds.train.trainer import run, stage_dir
 
     if args.stage != "all":
-        return run(cfg, args.ds, resume=args.resume, init_from=args.init_from)
+        return run(cfg, ds, resume=args.resume, init_from=args.init_from)
     stages = [s for s in (1, 2) if cfg.epochs(s) > 0]
     init_from = args.init_from
     for stage in stages:
         cfg.stage = stage
-        code = run(cfg, args.ds, resume=args.resume, init_from=init_from)
+        code = run(cfg, ds, resume=args.resume, init_from=init_from)
         if code:
             return code
         if not os.path.exists(os.path.join(stage_dir(cfg), "DONE")):

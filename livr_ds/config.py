@@ -125,6 +125,10 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 42
     stage: Literal[1, 2] = 1
+    # The DeepSpeed JSON this experiment needs (a 72B config names ZeRO-3, so it cannot start on
+    # ZeRO-2 by accident); a relative path is looked up from the working directory, then from the
+    # livr-ds checkout. launch/train.py --ds wins.
+    deepspeed: str = "ds_configs/zero2.json"
     model: ModelConfig = field(default_factory=ModelConfig)
     latents: LatentConfig = field(default_factory=LatentConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -294,3 +298,15 @@ def load_config(path: str | None, overrides: list[str] = ()) -> ExperimentConfig
     # Relative data and model paths are relative to the working directory, as with every
     # launcher; only `base:` is resolved against the file that names it.
     return validate(_build(ExperimentConfig, data, ""))
+
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_deepspeed_config(cfg: ExperimentConfig, override: str | None = None) -> str:
+    """The DeepSpeed JSON of a launch: `--ds` if given, else the experiment's `deepspeed` key."""
+    path, key = (override, "--ds") if override else (cfg.deepspeed, "deepspeed")
+    for candidate in (path, os.path.join(PROJECT_ROOT, path)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise ConfigError(f"{key}: no DeepSpeed config at {path!r} (looked in {os.getcwd()} and {PROJECT_ROOT})")

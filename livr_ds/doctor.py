@@ -284,7 +284,8 @@ class Doctor:
             self.add("FAIL", "DeepSpeed", f"{v} does not import: {str(e).splitlines()[0][:160]}",
                      "reinstall deepspeed against this torch (pip install --force-reinstall deepspeed==<pin>)")
             return
-        ds = self.ds_path or os.path.join(ROOT, "ds_configs", "zero2.json")
+        ds = self.ds_path or (os.path.join(ROOT, self.cfg.deepspeed) if self.cfg is not None
+                              else os.path.join(ROOT, "ds_configs", "zero2.json"))
         opt = {}
         if os.path.exists(ds):
             with open(ds) as f:
@@ -513,7 +514,7 @@ def add_doctor_command(subparsers) -> None:
     p.add_argument("--config", help="experiment YAML: also check its model path, processor files and shard sources")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, as launch/train.py does (repeatable)")
-    p.add_argument("--ds", help="DeepSpeed JSON whose optimizer is checked (default: ds_configs/zero2.json)")
+    p.add_argument("--ds", help="DeepSpeed JSON whose optimizer is checked (default: the config's `deepspeed` key)")
     p.add_argument("--quick", action="store_true",
                    help="skip the flex compile without a GPU and the shard scan (what slurm/train.sbatch runs)")
     p.set_defaults(func=doctor_cmd)

@@ -21,6 +21,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from .atomic import replace_dir, write_json_atomic
+from .config import ConfigError
 from .latents import full_shape, peft_rows_key, resize_embeddings, split_adapter_tensors
 from .modeling import Backbone, LivrModel
 from .train import distributed as dist
@@ -59,22 +60,27 @@ def load_trainable_state(model: LivrModel, tensors: dict[str, torch.Tensor], whe
     if not is_peft(peft_model):
         result = peft_model.load_state_dict(tensors, strict=False)
         if result.unexpected_keys:
-            raise ValueError(f"{where}: tensors did not match the model: {result.unexpected_keys[:3]}")
+            raise ConfigError(f"{where}: tensors did not match the model: {result.unexpected_keys[:3]}")
         return
     lora, rows = split_adapter_tensors(tensors)
     if (rows is None) != (model.latent_rows is None):
-        raise ValueError(f"{where}: {'no' if rows is None else 'has'} latent rows, the model "
+        raise ConfigError(f"{where}: {'no' if rows is None else 'has'} latent rows, the model "
                          f"{'has' if rows is None else 'none'}")
     if rows is not None:
         if tuple(rows.shape) != tuple(model.latent_rows.weight.shape):
-            raise ValueError(f"{where}: latent rows of shape {tuple(rows.shape)}, the model's are "
+            raise ConfigError(f"{where}: latent rows of shape {tuple(rows.shape)}, the model's are "
                              f"{tuple(model.latent_rows.weight.shape)}")
         with torch.no_grad():
             model.latent_rows.weight.copy_(rows)
     result = set_peft_model_state_dict(peft_model, lora)
     bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
     if bad:
-        raise ValueError(f"{where}: tensors did not match the model: {bad[:3]}")
+        raise ConfigError(f"{where}: tensors did not match the model: {bad[:3]}")
+    # A LoRA matrix the checkpoint does not hold would silently start from its fresh init.
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ConfigError(f"{where}: holds no tensor for {len(missing)} LoRA matrices of this model (e.g. "
+                          f"{missing[0]}): other lora.target_regex? They would start from zero")
 
 
 def write_adapter(model: LivrModel, tensors: dict[str, torch.Tensor], out_dir: str, latent_ids: list[int],
@@ -108,15 +114,45 @@ def base_fingerprint(hf_model, num_latent_rows: int, num_tokens: int | None = No
     }
 
 
+def weights_fingerprint(path: str) -> str:
+    """What tells two checkpoints of one architecture apart (Qwen2.5-VL-7B base vs Instruct have the
+    same config.json): a sha256 over each weight file's size, its safetensors header and the first
+    and last MiB of its tensor bytes. Reads about 2 MiB a file, so a 72B checkpoint costs little, and
+    does not depend on where the directory lives. `arch:` random weights are named by their spec."""
+    import hashlib
+
+    if not os.path.isdir(path):
+        return path  # arch:<name> (random weights from the seed) or a hub-style name
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+    if not files:
+        return "no-weight-files"
+    digest = hashlib.sha256()
+    chunk = 1 << 20
+    for name in files:
+        size = os.path.getsize(os.path.join(path, name))
+        digest.update(f"{name}:{size}".encode())
+        with open(os.path.join(path, name), "rb") as f:
+            digest.update(f.read(chunk))
+            if size > 2 * chunk:
+                f.seek(size - chunk)
+                digest.update(f.read(chunk))
+    return "sha256:" + digest.hexdigest()[:32]
+
+
 def livr_metadata(cfg, backbone, stage: int) -> dict:
     tok = backbone.processor.tokenizer
     return {
         "format": "livr-ds/1",
         "family": cfg.model.family,
         "base_model": backbone.path,
+        "base_weights": weights_fingerprint(backbone.path),
         "backbone": base_fingerprint(backbone.model.hf_model, len(set(backbone.latent_ids)), len(tok)),
         "latents": {"num": cfg.latents.num, "shared": cfg.latents.shared,
                     "tokens": tok.convert_ids_to_tokens(backbone.latent_ids), "ids": backbone.latent_ids},
+        "trainable": cfg.model.trainable,
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                 "target_regex": cfg.lora.target_regex or backbone.adapter.lora_target_regex},
+        "dtype": cfg.model.dtype,
         "stage": stage,
         "policy": cfg.policy(stage),
         "max_tokens": cfg.data.max_tokens,
@@ -175,32 +211,65 @@ def read_livr_metadata(export_dir: str) -> dict:
         return json.load(f)
 
 
-def check_compatible(meta: dict, cfg, backbone) -> None:
-    """Refuse to continue from a checkpoint of another backbone or latent set, naming why."""
+# What must be equal for Stage 2 to continue Stage 1's training, as (livr.json key path, config key).
+# The backbone (family, architecture fingerprint, the weights themselves), the latent token set,
+# what trains and how LoRA scales it (a changed alpha silently rescales Stage 1's adapter, a changed
+# r does not fit, other targets start from zero), and the inputs' shape (pixels, token budget).
+HANDOFF_KEYS = (
+    (("family",), "model.family"),
+    (("base_weights",), "model.path (the base checkpoint's weights)"),
+    (("backbone",), "model.path (the backbone's architecture)"),
+    (("latents", "num"), "latents.num"),
+    (("latents", "shared"), "latents.shared"),
+    (("latents", "tokens"), "latents (the latent token strings)"),
+    (("trainable",), "model.trainable"),
+    (("lora", "r"), "lora.r"),
+    (("lora", "alpha"), "lora.alpha"),
+    (("lora", "dropout"), "lora.dropout"),
+    (("lora", "target_regex"), "lora.target_regex"),
+    (("max_tokens",), "data.max_tokens"),
+    (("min_pixels",), "model.min_pixels"),
+    (("max_pixels",), "model.max_pixels"),
+)
+
+
+def _lookup(meta: dict, path: tuple):
+    for key in path:
+        if not isinstance(meta, dict) or key not in meta:
+            return _MISSING
+        meta = meta[key]
+    return meta
+
+
+_MISSING = object()
+
+
+def check_compatible(meta: dict, cfg, backbone, where: str = "--init-from") -> None:
+    """Refuse to continue from a checkpoint that differs in anything Stage 2 inherits, naming each
+    key with both values. An export written before a key was recorded is not refused for it."""
     mine = livr_metadata(cfg, backbone, cfg.stage)
-    problems = []
-    if meta["family"] != mine["family"]:
-        problems.append(f"model.family {meta['family']!r} vs {mine['family']!r}")
-    if meta["backbone"] != mine["backbone"]:
-        problems.append(f"backbone {meta['backbone']} vs {mine['backbone']}")
-    if meta["latents"]["num"] != mine["latents"]["num"]:
-        problems.append(f"latents.num (K) {meta['latents']['num']} vs {mine['latents']['num']}")
-    if meta["latents"]["shared"] != mine["latents"]["shared"]:
-        problems.append(f"latents.shared {meta['latents']['shared']} vs {mine['latents']['shared']}")
-    elif meta["latents"]["tokens"] != mine["latents"]["tokens"]:
-        problems.append(f"latent tokens {meta['latents']['tokens']} vs {mine['latents']['tokens']}")
+    problems, unknown = [], []
+    for path, key in HANDOFF_KEYS:
+        theirs, ours = _lookup(meta, path), _lookup(mine, path)
+        if theirs is _MISSING:
+            unknown.append(key)
+        elif theirs != ours:
+            problems.append(f"{key} is {theirs!r} there, {ours!r} here")
     if problems:
-        raise ValueError("--init-from checkpoint does not match this experiment: " + "; ".join(problems))
+        raise ConfigError(f"{where}: the checkpoint does not match this experiment: " + "; ".join(problems)
+                          + ". Start Stage 2 with Stage 1's settings (its config.yaml), or train Stage 1 again")
+    if unknown:
+        log.warning("%s: written by an older livr-ds, it does not record %s; not checked", where, ", ".join(unknown))
 
 
 def init_from_export(backbone, cfg, path: str) -> str:
     """Load Stage 1's LoRA + latent rows into a fresh backbone (fresh optimizer and schedule)."""
     export_dir = resolve_export(path)
     meta = read_livr_metadata(export_dir)
-    check_compatible(meta, cfg, backbone)
+    check_compatible(meta, cfg, backbone, where=f"--init-from {export_dir}")
     model = backbone.model.peft_model
     if is_peft(model) != (not meta.get("merged")):
-        raise ValueError("--init-from: the checkpoint's model.trainable (LoRA adapter vs full weights) "
+        raise ConfigError("--init-from: the checkpoint's model.trainable (LoRA adapter vs full weights) "
                          "differs from this experiment's")
     if is_peft(model):
         # PEFT's saved names (adapter name dropped); set_peft_model_state_dict adds it back.
@@ -245,21 +314,43 @@ def load_base(family: str, path: str, *, device="cpu", dtype=torch.float32, attn
     return Backbone(LivrModel(hf_model, adapter, processor, attn_backend), processor, adapter, [], path)
 
 
-def merge_export(path: str, out_dir: str, which: str = "final") -> str:
-    """Fold LoRA and the latent rows into the base weights: a plain transformers checkpoint."""
-    backbone = load_export(path, which=which)
+MERGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def merge_dtype(meta: dict, requested: str = "auto") -> torch.dtype:
+    """The dtype a merged checkpoint is written in: the run's (livr.json `dtype`, what the base
+    was loaded as for training) unless `--dtype` names another. Exports older than the `dtype`
+    key fall back to float32, as they were merged before."""
+    name = meta.get("dtype", "float32") if requested == "auto" else requested
+    if name not in MERGE_DTYPES:
+        raise ConfigError(f"--dtype {name!r}: pick one of auto, {', '.join(MERGE_DTYPES)}")
+    return MERGE_DTYPES[name]
+
+
+def merge_export(path: str, out_dir: str, which: str = "final", dtype: str = "auto",
+                 max_shard_size: str = "5GB") -> str:
+    """Fold LoRA and the latent rows into the base weights: a plain transformers checkpoint.
+
+    The base is loaded in the merge dtype and LoRA's update is added in it, so a bf16 run gives a
+    bf16 checkpoint of the released size; the weights are written as safetensors shards of at
+    most `max_shard_size` with an index (transformers' save_pretrained). The whole model is held
+    in memory once (about 2 bytes a parameter in bf16)."""
+    export_dir = resolve_export(path, which)
+    meta = read_livr_metadata(export_dir)
+    torch_dtype = merge_dtype(meta, dtype)
+    backbone = load_export(export_dir, dtype=torch_dtype)
     merged = backbone.model.peft_model.merge_and_unload()
-    export_dir = backbone.path
+    merged.to(torch_dtype)  # the LoRA-free model keeps no fp32 leftovers (latent rows, adapters' casts)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
+    merged.save_pretrained(tmp, max_shard_size=max_shard_size)
     for name in os.listdir(export_dir):
         if not name.startswith("adapter_") and name != "livr.json" and os.path.isfile(os.path.join(export_dir, name)):
             shutil.copy(os.path.join(export_dir, name), tmp)
-    meta = read_livr_metadata(export_dir)
-    write_json_atomic(os.path.join(tmp, "livr.json"), {**meta, "merged": True, "merged_from": export_dir})
+    write_json_atomic(os.path.join(tmp, "livr.json"), {**meta, "merged": True, "merged_from": export_dir,
+                                                        "merged_dtype": str(torch_dtype).removeprefix("torch.")})
     replace_dir(tmp, out_dir)
-    log.info("merged %s into %s", export_dir, out_dir)
+    log.info("merged %s into %s (%s, shards of at most %s)", export_dir, out_dir, torch_dtype, max_shard_size)
     return out_dir
 
 
@@ -267,7 +358,11 @@ def _export_cmd(args) -> int:
     if not args.merge:
         print("livr-ds export: nothing to do; pass --merge (exports are written by training)")
         return 2
-    out = merge_export(args.ckpt, args.out, which=args.which)
+    try:
+        out = merge_export(args.ckpt, args.out, which=args.which, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    except ConfigError as e:
+        print(f"livr-ds export: {e}")
+        return 2
     print(f"wrote merged model to {out}")
     return 0
 
@@ -277,5 +372,8 @@ def add_export_command(sub) -> None:
     p.add_argument("--ckpt", required=True, help="an export dir or a stage run dir")
     p.add_argument("--which", default="final", choices=["final", "best"], help="for a run dir")
     p.add_argument("--merge", action="store_true", help="fold LoRA + latent rows into the weights")
+    p.add_argument("--dtype", default="auto", choices=["auto", *MERGE_DTYPES],
+                   help="dtype of the merged weights (auto: the run's model.dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (an index lists them)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export_cmd)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from . import segments
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 from .latents import LatentRows, add_latent_tokens, build_latent_rows
 from .models import BackboneAdapter, get_adapter
 from .models.archs import ARCH_PREFIX, arch_spec, build_random
@@ -70,24 +70,69 @@ class Backbone:
     path: str
 
 
-def pick_backend(requested: str, policy: str, packed: bool, device: torch.device) -> str:
-    if requested != "auto":
-        if requested == "flash" and (policy != "standard" or packed):
-            raise ValueError(
-                f"model.attn_backend=flash cannot apply the {policy!r} mask{' to packed rows' if packed else ''}: "
-                "flash-attn ignores 4D masks. Use flex (GPU), sdpa or eager."
-            )
-        return requested
-    if device.type != "cuda":
-        return "sdpa"
-    if policy != "standard" or packed:
-        return "flex"
+def installed_kernels() -> frozenset[str]:
+    """The optional attention kernels this process can use: "flash" (flash-attn importable) and
+    "flex" (torch's flex_attention)."""
+    found = set()
     try:
         import flash_attn  # noqa: F401
 
-        return "flash"
+        found.add("flash")
     except ImportError:
-        return "sdpa"
+        pass
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
+        found.add("flex")
+    except ImportError:
+        pass
+    return frozenset(found)
+
+
+# flash-attn computes in fp16/bf16 only (it raises on fp32 inputs) and takes no 4D mask.
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def pick_backend(requested: str, policy: str, packed: bool, device: torch.device,
+                 dtype: torch.dtype = torch.float32, kernels: frozenset[str] | None = None) -> tuple[str, str]:
+    """The attention backend for (device, dtype, mask, installed kernels) and why: one table.
+
+    auto picks:
+      CPU (any dtype, any mask)                    -> sdpa   (dense 4D mask)
+      CUDA, Stage 1 mask or packed rows            -> flex   (block mask), sdpa if flex is missing
+      CUDA, standard mask, bf16/fp16, flash-attn   -> flash
+      CUDA, standard mask, fp32 or no flash-attn   -> sdpa
+    An explicit choice is kept, or refused with the reason (ConfigError naming model.attn_backend)."""
+    kernels = installed_kernels() if kernels is None else kernels
+    custom_mask = policy != "standard" or packed
+    what = f"the {policy!r} mask{' on packed rows' if packed else ''}"
+    if requested != "auto":
+        problem = None
+        if requested == "flash":
+            if custom_mask:
+                problem = f"cannot apply {what}: flash-attn ignores 4D masks. Use flex (GPU), sdpa or eager"
+            elif device.type != "cuda":
+                problem = f"flash-attn runs on CUDA only (this is {device.type}); use sdpa"
+            elif dtype not in FLASH_DTYPES:
+                problem = f"flash-attn rejects {str(dtype).removeprefix('torch.')} inputs; use model.dtype=bfloat16 or sdpa"
+            elif "flash" not in kernels:
+                problem = "flash-attn is not installed (pip install -e '.[gpu]'); or use auto"
+        elif requested == "flex" and "flex" not in kernels:
+            problem = "this torch has no torch.nn.attention.flex_attention; use sdpa"
+        if problem:
+            raise ConfigError(f"model.attn_backend={requested}: {problem}")
+        return requested, "model.attn_backend names it"
+    if device.type != "cuda":
+        return "sdpa", f"auto: {device.type} device"
+    if custom_mask:
+        if "flex" in kernels:
+            return "flex", f"auto: CUDA and {what} (block mask)"
+        return "sdpa", f"auto: CUDA and {what}, but no flex_attention in this torch (dense mask)"
+    if dtype not in FLASH_DTYPES:
+        return "sdpa", f"auto: CUDA, {str(dtype).removeprefix('torch.')} (flash-attn needs bf16/fp16)"
+    if "flash" in kernels:
+        return "flash", "auto: CUDA, standard mask, half precision, flash-attn installed"
+    return "sdpa", "auto: CUDA, standard mask, flash-attn not installed"
 
 
 _HF_IMPL = {"sdpa": "sdpa", "eager": "eager", "flex": "sdpa", "flash": "flash_attention_2"}
@@ -103,8 +148,9 @@ def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device |
     adapter = get_adapter(cfg.model.family)
     path = resolve_model_path(cfg, adapter)  # may write a tiny model, drawing from the global RNG
     torch.manual_seed(cfg.seed)  # after it: the process that wrote the model must init LoRA alike
-    backend = pick_backend(cfg.model.attn_backend, policy, packed, device)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    backend, why = pick_backend(cfg.model.attn_backend, policy, packed, device, dtype)
+    log.info("attention backend: %s (%s)", backend, why)
     image_kwargs = {k: getattr(cfg.model, k) for k in ("min_pixels", "max_pixels") if getattr(cfg.model, k)}
     if path.startswith(ARCH_PREFIX):  # published architecture, random weights, built in place
         processor, hf_model = build_random(path, adapter, dtype=dtype, attn_implementation=_HF_IMPL[backend],
@@ -131,7 +177,26 @@ def build_backbone(cfg: ExperimentConfig, *, policy: str, device: torch.device |
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(peft_model, hf_model)
     model = LivrModel(peft_model, adapter, processor, backend, latent_rows=latent_rows)
+    cast_trainable(model, dtype)
     return Backbone(model, processor, adapter, latent_ids, path)
+
+
+def cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The dtype policy's first half (docs/training.md, "Precision"): every trainable tensor's
+    working copy is in the compute dtype, like the frozen weights around it.
+
+    Why here and not left to DeepSpeed: under ZeRO-1/2 DeepSpeed's bf16 mode casts every
+    parameter of the module itself (engine._cast_module_mixed_precision), but under ZeRO-3 a model
+    built partitioned (deepspeed.zero.Init) is not cast at all, while PEFT creates LoRA in fp32 on a
+    bf16 base (its autocast_adapter_dtype) and the latent rows come from the bf16 table: ZeRO-3's
+    flatten then asserts one dtype per group, and a run that did start would train LoRA as fp32
+    copies under one stage and bf16 under another. Casting before deepspeed.initialize makes every
+    stage train the same working copies; the optimizer's fp32 masters and Adam moments (ZeRO keeps
+    them for bf16 at every stage) are built from these."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):
+                p.data = p.data.to(dtype)
 
 
 def enable_gradient_checkpointing(peft_model, hf_model) -> None:

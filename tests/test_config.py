@@ -98,3 +98,16 @@ def test_train_refuses_missing_data_in_one_line(tmp_path, train, match):
     assert r.returncode == 2, r.stderr[-3000:]
     assert match.format(missing=missing) in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_deepspeed_key_names_the_config_and_ds_wins(tmp_path):
+    from livr_ds.config import ConfigError, resolve_deepspeed_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "livr_qwen2_5_vl_72b.yaml"))
+    assert resolve_deepspeed_config(cfg).endswith(os.path.join("ds_configs", "zero3.json"))
+    assert resolve_deepspeed_config(load_config(None)).endswith(os.path.join("ds_configs", "zero2.json"))
+    assert resolve_deepspeed_config(cfg, "ds_configs/zero3_offload.json").endswith("zero3_offload.json")
+    with pytest.raises(ConfigError, match="deepspeed: no DeepSpeed config at 'nope.json'"):
+        resolve_deepspeed_config(load_config(None, ["deepspeed=nope.json"]))
+    with pytest.raises(ConfigError, match="--ds: no DeepSpeed config"):
+        resolve_deepspeed_config(cfg, str(tmp_path / "missing.json"))

@@ -146,12 +146,53 @@ def test_eager_backend_matches_sdpa(tiny_dirs, photos):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_flash_backend_refuses_custom_masks(tiny_dirs):
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+BF16, FP32 = torch.bfloat16, torch.float32
+BOTH, FLEX_ONLY, NONE = frozenset({"flash", "flex"}), frozenset({"flex"}), frozenset()
+
+
+@pytest.mark.parametrize("requested,policy,packed,device,dtype,kernels,want", [
+    ("auto", "bottleneck", False, CPU, FP32, BOTH, "sdpa"),
+    ("auto", "standard", False, CPU, BF16, BOTH, "sdpa"),
+    ("auto", "bottleneck", False, CUDA, BF16, BOTH, "flex"),
+    ("auto", "standard", True, CUDA, BF16, BOTH, "flex"),  # packed rows need a block-diagonal mask
+    ("auto", "bottleneck", False, CUDA, BF16, NONE, "sdpa"),
+    ("auto", "standard", False, CUDA, BF16, BOTH, "flash"),
+    ("auto", "standard", False, CUDA, FP32, BOTH, "sdpa"),  # the README's GPU route with the fp32 demo config
+    ("auto", "standard", False, CUDA, BF16, FLEX_ONLY, "sdpa"),
+    ("sdpa", "bottleneck", False, CUDA, BF16, BOTH, "sdpa"),
+    ("eager", "standard", False, CPU, FP32, NONE, "eager"),
+    ("flex", "bottleneck", False, CUDA, BF16, FLEX_ONLY, "flex"),
+    ("flash", "standard", False, CUDA, BF16, BOTH, "flash"),
+])
+def test_attention_backend_table(requested, policy, packed, device, dtype, kernels, want):
     from livr_ds.modeling import pick_backend
 
-    with pytest.raises(ValueError, match="flash-attn ignores 4D masks"):
-        pick_backend("flash", "bottleneck", False, torch.device("cpu"))
-    assert pick_backend("auto", "bottleneck", False, torch.device("cpu")) == "sdpa"
+    backend, why = pick_backend(requested, policy, packed, device, dtype, kernels)
+    assert backend == want and why
+
+
+@pytest.mark.parametrize("requested,policy,device,dtype,kernels,reason", [
+    ("flash", "bottleneck", CUDA, BF16, BOTH, "flash-attn ignores 4D masks"),
+    ("flash", "standard", CPU, BF16, BOTH, "CUDA only"),
+    ("flash", "standard", CUDA, FP32, BOTH, "rejects float32"),
+    ("flash", "standard", CUDA, BF16, FLEX_ONLY, "not installed"),
+    ("flex", "bottleneck", CUDA, BF16, NONE, "no torch.nn.attention.flex_attention"),
+])
+def test_attention_backend_refusals_name_the_key(requested, policy, device, dtype, kernels, reason):
+    from livr_ds.config import ConfigError
+    from livr_ds.modeling import pick_backend
+
+    with pytest.raises(ConfigError, match=f"model.attn_backend={requested}: .*{reason}"):
+        pick_backend(requested, policy, False, device, dtype, kernels)
+
+
+def test_attention_backend_is_logged_at_build(tiny_dirs, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="livr_ds.modeling"):
+        make_backbone(tiny_dirs, "qwen2_5_vl")
+    assert "attention backend: sdpa (auto: cpu device)" in caplog.text
 
 
 @pytest.mark.parametrize("mode", ["lm", "all"])

@@ -28,9 +28,13 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_data")
-    subprocess.run([sys.executable, "-m", "livr_ds.cli", "shards", "demo", "--out", str(out), "--n-train", "5",
-                    "--n-val", "2", "--n-test", "2", "--tasks", "counting", "localization", "--no-progress"],
+    return write_demo_shards(tmp_path_factory.mktemp("demo_data"), n_train=5)
+
+
+def write_demo_shards(out, n_train: int, n_val: int = 2) -> str:
+    """Demo shards of the counting and localization tasks: 2 x n_train training samples."""
+    subprocess.run([sys.executable, "-m", "livr_ds.cli", "shards", "demo", "--out", str(out), "--n-train", str(n_train),
+                    "--n-val", str(n_val), "--n-test", "2", "--tasks", "counting", "localization", "--no-progress"],
                    check=True, capture_output=True)
     return str(out)
 

@@ -15,7 +15,6 @@ import logging
 import os
 import random
 import shutil
-import signal
 
 import numpy as np
 import torch
@@ -24,25 +23,11 @@ from safetensors.torch import load_file, save_file
 from ..atomic import replace_dir, write_json_atomic
 from ..latents import full_shape
 from . import distributed as dist
+from .faults import fault_point
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-# Test hook: "<point>:<n>[:<SIGNAL>]" sends rank 0 the signal (default KILL) the n-th time it
-# passes <point>. Lets tests kill or preempt a real run at an exact place.
-FAULT_ENV = "LIVR_DS_FAULT"
-_fault_hits: dict[str, int] = {}
-
-
-def fault_point(name: str) -> None:
-    spec = os.environ.get(FAULT_ENV, "").split(":")
-    if spec[0] != name or not dist.is_main():
-        return
-    _fault_hits[name] = _fault_hits.get(name, 0) + 1
-    if _fault_hits[name] == (int(spec[1]) if len(spec) > 1 else 1):
-        sig = getattr(signal, "SIG" + (spec[2] if len(spec) > 2 else "KILL"))
-        log.error("fault injected: %s at %s (%s)", sig.name, name, ":".join(spec))
-        os.kill(os.getpid(), sig)
 
 
 # ---- RNG ------------------------------------------------------------------------------------

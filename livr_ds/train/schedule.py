@@ -6,9 +6,9 @@ checked (and printed) before any model is built.
     global batch  = micro batch x accumulation x world size   (the paper: 8)
     steps/epoch   = ceil(micro-batches per rank per epoch / accumulation)
 
-The last step of an epoch may be short (fewer micro-batches); it is applied like any other, and
-since the loss of a step is the mean over its answer tokens on every rank, a short step is
-weighted by what it holds. With a micro batch of 1 and any world size that divides the global
+The last step of an epoch may be short (fewer micro-batches). It is a full-weight update, not a
+down-weighted one: the loss of a step is the mean over its answer tokens on every rank, so a short
+step's gradient averages fewer samples (it is noisier) but has the same scale and the same LR. With a micro batch of 1 and any world size that divides the global
 batch, steps/epoch = ceil(samples / global batch): the same schedule at 1 GPU and at 8.
 """
 

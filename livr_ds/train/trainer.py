@@ -33,12 +33,15 @@ from ..models import get_adapter
 from . import checkpoint
 from . import distributed as dist
 from .ds_config import build_ds_config
+from .faults import fault_point
+from .guards import GUARD_STEPS, FirstStepGuard, FirstStepGuardError, GradientWatch
 from .metrics import MetricsLogger, Window
 from .schedule import resolve_accumulation, step_plan
 
 log = logging.getLogger(__name__)
 
 EXIT_DIVERGED = 3
+EXIT_GUARD = 4
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,6 +65,29 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+@dataclasses.dataclass
+class StepConsensus:
+    """Everything the loop decides on after a step, summed over all ranks in one collective: the
+    loss, non-finite loss or gradient anywhere, a stop signal anywhere, rank 0's clock for timed
+    saves, throughput."""
+
+    loss_sum: float
+    nonfinite_loss: float
+    nonfinite_grad: float
+    stop: float
+    save_due: float
+    samples: float
+    tokens: float
+    pad_fraction_sum: float
+    micro_batches: float
+
+    @classmethod
+    def reduce(cls, local: "StepConsensus") -> "StepConsensus":
+        names = [f.name for f in dataclasses.fields(cls)]
+        total = dist.all_reduce([getattr(local, n) for n in names]).tolist()
+        return cls(**dict(zip(names, total)))
 
 
 class Trainer:
@@ -126,12 +152,15 @@ class Trainer:
         )
         # ZeRO-3: every forward gathers partitioned weights, so all ranks run the same forwards.
         self.backbone.model.lockstep = self.zero3
+        trainable = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        self.watch = GradientWatch(trainable, self.device)
+        self.guard = FirstStepGuard(self.engine.module, self.backbone.adapter, self.watch)
         if getattr(self.engine, "managed_gradient_accumulation", lambda: True)():
             raise ConfigError(f"DeepSpeed {deepspeed.__version__} steps on its own micro-step counter "
                               "(no managed_gradient_accumulation: false); livr-ds owns the step boundary and is "
                               "tested with the version setup.py pins")
         self.state = {"epoch": 0, "global_step": 0, "best_val": None, "best_epoch": None, "wandb_id": None,
-                      "metrics_lines": 0, "bad_samples": 0}
+                      "metrics_lines": 0, "bad_samples": 0, "skipped_steps": 0}
         self.resumed_rng = None
         self.resumed_from: str | None = None
         resumed = self._maybe_resume(resume)
@@ -157,15 +186,29 @@ class Trainer:
         )
 
     def _maybe_resume(self, resume: str) -> bool:
-        if resume == "auto":
-            path = checkpoint.latest_checkpoint(self.ckpt_root)
-            if path is None:
-                log.info("--resume auto: no usable checkpoint in %s, starting fresh", self.ckpt_root)
-                return False
-        elif resume in ("none", ""):
+        """One decision for all ranks: rank 0 picks the checkpoint (nodes of a shared filesystem may
+        see different states), every rank checks it can read that one, and its plan must be this run's."""
+        if resume in ("none", ""):
             return False
-        else:
-            path = resume
+        path = None
+        if dist.is_main():
+            path = checkpoint.latest_checkpoint(self.ckpt_root) if resume == "auto" else resume
+        path = dist.broadcast_object(path)
+        if path is None:
+            log.info("--resume auto: no usable checkpoint in %s, starting fresh", self.ckpt_root)
+            return False
+        problem = ""
+        try:
+            checkpoint.check_checkpoint(path)
+        except checkpoint.CheckpointError as e:
+            problem = str(e)
+        problems = dist.gather_objects(problem)
+        bad = [(r, p) for r, p in enumerate(problems) if p]
+        if bad:
+            raise checkpoint.CheckpointError(
+                f"rank 0 chose {path} to resume from, but {len(bad)} rank(s) cannot read it (rank {bad[0][0]}: "
+                f"{bad[0][1]}); is {self.ckpt_root} on a filesystem every node sees alike?")
+        self._check_resume_plan(path, checkpoint.check_checkpoint(path))
         saved = checkpoint.load_resume(self.engine, path)
         self.resumed_from = path
         self.resumed_rng = saved.get("rng")
@@ -185,6 +228,26 @@ class Trainer:
         log.info("resumed from %s: epoch %d, batch %d, step %d", path, self.state["epoch"],
                  self.loader.state_dict()["batches_consumed"], step)
         return True
+
+    def _check_resume_plan(self, path: str, saved: dict) -> None:
+        """A checkpoint continues only the stage and recipe that wrote it; a new world size is fine."""
+        problems = []
+        if saved.get("stage", self.cfg.stage) != self.cfg.stage:
+            problems.append(f"it is a Stage {saved['stage']} checkpoint and this is Stage {self.cfg.stage} "
+                            "(Stage 2 starts from Stage 1 with --init-from, not --resume)")
+        plan = saved.get("plan") or {}
+        for key, config_key in (("global_batch_size", "optim.global_batch_size"),
+                                ("epochs", f"schedule.stage{self.cfg.stage}_epochs"),
+                                ("warmup_ratio", "optim.warmup_ratio")):
+            if key in plan and plan[key] != getattr(self.plan, key):
+                problems.append(f"{config_key} was {plan[key]} there, {getattr(self.plan, key)} here")
+        if plan and self.plan.world_size == plan.get("world_size") and \
+                plan.get("micro_batches_per_epoch") != self.plan.micro_batches_per_epoch:
+            problems.append(f"the training data gave {plan['micro_batches_per_epoch']} micro-batches per rank and "
+                            f"epoch there, {self.plan.micro_batches_per_epoch} here (data.train changed?)")
+        if problems:
+            raise ConfigError(f"--resume {path}: " + "; ".join(problems) + ". Resume with the run's own config "
+                              f"({os.path.join(self.out, 'config.yaml')}), or start fresh without --resume")
 
     def _set_aside_previous_run(self) -> None:
         """A fresh start in a stage directory that already holds a run: move it aside (nothing is
@@ -211,9 +274,43 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> str:
-        """Train to the end of the stage or until a stop signal. Returns "done" or "interrupted"."""
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        """Train to the end of the stage or until a stop signal. Returns "done" or "interrupted".
+
+        The stop-signal handlers are this Trainer's only while it trains: a handler left installed
+        holds the Trainer (and its engine, model and optimizer) alive, and `--stage all` would build
+        Stage 2 next to all of Stage 1."""
+        stop_signals = (signal.SIGTERM, signal.SIGUSR1)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in stop_signals}
+        try:
+            return self._fit()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def close(self) -> None:
+        """Let go of the engine so `--stage all` does not build Stage 2 beside all of Stage 1.
+
+        Dropping the last Python reference is not enough: DeepSpeed's gradient hooks live on
+        autograd's C++ AccumulateGrad nodes, which the garbage collector cannot traverse, and they
+        hold the optimizer (and through it the engine and model). `engine.destroy()` removes them."""
+        self.watch.close()
+        self.engine.destroy()
+        # Two process-wide holds of ZeRO-3 on a finished engine (DeepSpeed 0.19.8): the module stack
+        # its forward pre-hook pushes to (runtime/zero/parameter_offload.py; the last module run
+        # stays on it), and the class-level lru_cache of the parameter coordinator's
+        # `__params_to_release` (runtime/zero/partitioned_param_coordinator.py), whose keys hold
+        # the coordinator and submodules. Each pins the whole model. Nothing trains between stages.
+        from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+
+        parameter_offload.FWD_MODULE_STACK.clear()
+        coordinator = partitioned_param_coordinator.PartitionedParameterCoordinator
+        release = getattr(coordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+        # instrument_w_nvtx wraps the lru_cache without functools.wraps: it is in the closure.
+        for cell in getattr(release, "__closure__", None) or ():
+            if hasattr(cell.cell_contents, "cache_clear"):
+                cell.cell_contents.cache_clear()
+
+    def _fit(self) -> str:
         if self.resumed_rng is not None:  # last, so nothing in set-up consumes the restored stream
             checkpoint.set_rng_state(self.resumed_rng)
         cfg, st, plan = self.cfg, self.state, self.plan
@@ -230,7 +327,7 @@ class Trainer:
                 totals = self.train_step(micro_batches)
                 bar.update(len(micro_batches))
                 window.add(totals)
-                checkpoint.fault_point("after_step")
+                fault_point("after_step")
                 if st["global_step"] % cfg.logging.every_steps == 0:
                     self._log(window)
                 if self._epoch_finished(st["epoch"]):
@@ -243,6 +340,12 @@ class Trainer:
             if self.stop_requested_anywhere():
                 return self._interrupted(bar)
         bar.close()
+        if not self.guard.done:
+            log.info("first-step guard: not run (this stage applied %d of the %d updating steps it needs)",
+                     self.guard.updates, GUARD_STEPS)
+        if st["skipped_steps"]:
+            log.warning("%d optimizer steps of this stage were skipped (no answer token on any rank)",
+                        st["skipped_steps"])
         export.save_export(self.backbone, cfg, cfg.stage, os.path.join(self.out, "export", "final"),
                            extra={"epoch": st["epoch"], "global_step": st["global_step"]})
         if dist.is_main():
@@ -256,44 +359,63 @@ class Trainer:
         """One optimizer step over this rank's micro-batches (grad_accum of them, fewer at an
         epoch's end). The step's loss is the mean NLL over the answer tokens of all its
         micro-batches on all ranks: each micro-batch's NLL sum is scaled by world / (the step's
-        answer tokens on all ranks), and ZeRO's gradient average divides by the world size."""
+        answer tokens on all ranks), and ZeRO's gradient average divides by the world size. A
+        short last step is therefore a full-weight update whose gradient averages fewer samples.
+
+        Nothing updates silently: a step with no answer token on any rank is skipped (no forward,
+        no AdamW update, no weight decay; the schedule still advances, so the plan's step count
+        and every later LR stay as planned), and a non-finite loss or gradient anywhere stops the
+        run before the update."""
+        step = self.state["global_step"] + 1
         answer_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
         step_tokens = dist.all_reduce([answer_tokens])[0].item()
-        scale = dist.world_size() / max(step_tokens, 1.0)
+        lr = self.scheduler.get_last_lr()[0]  # what this step applies
+        self.watch.begin_step(step)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in micro_batches:
-            batch = generate.to_device(batch, self.device)
-            n = (batch["labels"][:, 1:] != -100).sum()
-            nll_sum = self.engine(batch, policy=self.policy) * n  # forward returns the mean over n
-            self.engine.backward(nll_sum * scale, scale_wrt_gas=False)
-            loss_sum += nll_sum.detach().double()
-        checkpoint.fault_point("before_step_sync")
-        # One collective per step for everything the loop decides on: the loss, a non-finite
-        # loss anywhere, a stop signal anywhere, rank 0's clock for timed saves, throughput.
+        if step_tokens > 0:  # the same on every rank: all skip the forwards together (ZeRO-3 lockstep)
+            self.guard.before_step(lr)
+            scale = dist.world_size() / step_tokens
+            for batch in micro_batches:
+                batch = generate.to_device(batch, self.device)
+                n = (batch["labels"][:, 1:] != -100).sum()
+                nll_sum = self.engine(batch, policy=self.policy) * n  # forward returns the mean over n
+                self.engine.backward(nll_sum * scale, scale_wrt_gas=False)
+                loss_sum += nll_sum.detach().double()
+        fault_point("before_step_sync")
         metas = [b["meta"] for b in micro_batches]
-        local = [
-            loss_sum.item() if torch.isfinite(loss_sum) else 0.0,
-            0.0 if torch.isfinite(loss_sum) else 1.0,
-            1.0 if self.stop_requested else 0.0,
-            1.0 if dist.is_main() and self._time_save_due() else 0.0,
-            sum(len(m["keys"]) - sum(m["pad"]) for m in metas),
-            sum(m["tokens"] for m in metas),
-            sum(m["pad_fraction"] for m in metas),
-            len(metas),
-        ]
-        g = dist.all_reduce(local).tolist()
-        if g[1] > 0:
+        c = StepConsensus.reduce(StepConsensus(
+            loss_sum=loss_sum.item() if torch.isfinite(loss_sum) else 0.0,
+            nonfinite_loss=0.0 if torch.isfinite(loss_sum) else 1.0,
+            nonfinite_grad=float(self.watch.nonfinite.item()),
+            stop=1.0 if self.stop_requested else 0.0,
+            save_due=1.0 if dist.is_main() and self._time_save_due() else 0.0,
+            samples=sum(len(m["keys"]) - sum(m["pad"]) for m in metas),
+            tokens=sum(m["tokens"] for m in metas),
+            pad_fraction_sum=sum(m["pad_fraction"] for m in metas),
+            micro_batches=len(metas),
+        ))
+        if c.nonfinite_loss or c.nonfinite_grad:
+            what = "loss" if c.nonfinite_loss else "gradient (the loss was finite)"
             raise TrainingDiverged(
-                f"non-finite loss at step {self.state['global_step'] + 1} (epoch {self.state['epoch']}; rank "
+                f"non-finite {what} at step {step} (epoch {self.state['epoch']}; rank "
                 f"{dist.rank()}'s samples in the step: {[k for m in metas for k in m['keys']]}); "
                 "stopping before the update. "
                 f"The last good checkpoint is {checkpoint.latest_checkpoint(self.ckpt_root)}; lower optim.lr or "
                 "check the data")
-        lr = self.scheduler.get_last_lr()[0]  # what this step applies
-        self.engine.step()
-        self.state["global_step"] += 1
-        return {"lr": lr, "loss_sum": g[0], "answer_tokens": step_tokens, "stop": g[2] > 0, "save_due": g[3] > 0,
-                "samples": g[4], "tokens": g[5], "pad_fraction_sum": g[6], "micro_batches": g[7]}
+        if step_tokens > 0:
+            self.engine.step()
+        else:
+            self.scheduler.step()
+            self.engine.global_steps += 1
+            self.state["skipped_steps"] += 1
+            log.warning("step %d skipped: no answer token on any rank (%d samples, all padding or skipped as bad); "
+                        "no optimizer update, the LR schedule moves on", step, int(c.samples))
+        self.state["global_step"] = step
+        if step_tokens > 0:
+            self.guard.after_step()  # after the count moved: a guard stop names the step it judged
+        return {"lr": lr, "loss_sum": c.loss_sum, "answer_tokens": step_tokens, "stop": c.stop > 0,
+                "save_due": c.save_due > 0, "samples": c.samples, "tokens": c.tokens,
+                "pad_fraction_sum": c.pad_fraction_sum, "micro_batches": c.micro_batches}
 
     def _epoch_finished(self, epoch: int) -> bool:
         position = self.loader.state_dict()
@@ -321,7 +443,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         record = {
             "step": self.state["global_step"], "epoch": self.state["epoch"], "stage": self.cfg.stage,
-            "loss": window.loss_sum / max(window.answer_tokens, 1), "lr": window.lr,
+            "loss": window.loss_sum / window.answer_tokens if window.answer_tokens else None, "lr": window.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "samples_per_s": window.samples / elapsed, "tokens_per_s": window.tokens / elapsed,
             "pad_fraction": window.pad_fraction_sum / max(window.micro_batches, 1),
@@ -333,7 +455,7 @@ class Trainer:
         st = self.state
         st["epoch"] += 1
         if self.cfg.data.val:
-            checkpoint.fault_point("validation")
+            fault_point("validation")
             acc = self.validate()
             if dist.is_main():
                 self.metrics.log({"step": st["global_step"], "epoch": st["epoch"], "stage": self.cfg.stage,
@@ -401,15 +523,22 @@ def run(cfg: ExperimentConfig, ds_config_path: str, resume: str = "none", init_f
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {dist.rank()}] %(levelname)s %(name)s: %(message)s")
     if not dist.is_main():
         logging.getLogger().setLevel(logging.WARNING)
+    trainer = None
     try:
         trainer = Trainer(cfg, ds_config_path, resume=resume, init_from=init_from, device=device)
         status = trainer.fit()
     except TrainingDiverged as e:
         log.error("%s", e)
         return EXIT_DIVERGED
+    except FirstStepGuardError as e:
+        log.error("%s", e)
+        return EXIT_GUARD
     except (ConfigError, checkpoint.CheckpointError, DataError) as e:
         log.error("%s", e)
         return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
     log.info("stage %d %s; outputs in %s", cfg.stage, status, stage_dir(cfg))
     return 0
 
