@@ -61,7 +61,7 @@ def _optional_commands():
     from .data.cli import add_shards_commands
 
     yield add_shards_commands
-    from .export import add_export_command
+    from .export.cli import add_export_command
 
     yield add_export_command
     from .builders.cli import add_data_commands

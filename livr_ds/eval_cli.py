@@ -77,7 +77,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="generate: greedy answers, parsed (default, the paper's protocol); likelihood: forced "
                         "choice, the option whose answer has the highest log-likelihood (multiple choice only)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per rank per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=generate.DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--max-samples", type=int, default=0, help="a fixed mixed subset: the first N of a seeded shuffle of the split, the same at any world size (0 = all)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="refuse longer samples (answers are never cut); default: the export's max_tokens from "

@@ -53,13 +53,18 @@ class EvalMode:
     name: str
     policy: str  # the mask policy at test time
     keep_latents: bool  # False: the K latent tokens are removed from the input
+    about: str = ""  # what the mode measures (exports' model cards list them)
 
 
 MODES = {m.name: m for m in (
-    EvalMode("standard", "standard", True),
-    EvalMode("no_latents", "standard", False),
-    EvalMode("bottleneck", "bottleneck", True),
-    EvalMode("bottleneck_no_latents", "bottleneck", False),
+    EvalMode("standard", "standard", True,
+             "the model as trained and served: causal attention, the K latents after the prompt"),
+    EvalMode("no_latents", "standard", False,
+             "causal attention, the latents removed: what the latents add (the paper's 'latents dropped')"),
+    EvalMode("bottleneck", "bottleneck", True,
+             "Stage 1's mask at test time: the answer sees the image only through the latents"),
+    EvalMode("bottleneck_no_latents", "bottleneck", False,
+             "the bottleneck mask without latents: the answer cannot see the image at all (a floor)"),
 )}
 
 
@@ -204,7 +209,7 @@ SCORINGS = ("generate", "likelihood")
 
 
 def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, batch_size: int = 8,
-             max_new_tokens: int = 8, max_samples: int = 0, max_tokens: int | None = None,
+             max_new_tokens: int = generate.DEFAULT_MAX_NEW_TOKENS, max_samples: int = 0, max_tokens: int | None = None,
              rank: int | None = None, world_size: int | None = None, probe: str | None = None,
              probe_images: int = 0, probe_dir: str | None = None, num_workers: int = 0,
              scoring: str = "generate", seed: int = 0, on_error: str = "raise",

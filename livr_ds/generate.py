@@ -51,17 +51,25 @@ def unwrap(model):
     return model
 
 
-def banned_ids(collator, vocab_rows: int | None = None) -> list[int]:
+# `livr-ds eval`'s answer budget; exports' generation_config.json carries the same default.
+DEFAULT_MAX_NEW_TOKENS = 8
+
+
+def banned_token_ids(tokenizer, latent_ids, eos_id: int, vocab_rows: int | None = None) -> list[int]:
     """Latents are never generated, nor image/video placeholders or any other special token
     (an image token in the answer would make the model look for an image that is not there),
     nor the rows beyond the tokenizer that released Qwen tables carry (151,936 rows for about
-    151,665 tokens): they decode to nothing and were never trained."""
-    tokenizer = collator.processor.tokenizer
+    151,665 tokens): they decode to nothing and were never trained. Exports suppress the same ids
+    in their generation_config.json, so stock `generate` decodes as `livr-ds eval` does."""
     spare = set(range(len(tokenizer), vocab_rows)) if vocab_rows else set()
-    return sorted((set(collator.latent_ids) | set(tokenizer.all_special_ids) | spare) - {collator.eos_id})
+    return sorted((set(latent_ids) | set(tokenizer.all_special_ids) | spare) - {eos_id})
 
 
-def greedy_answers(model, collator, samples, policy: str, max_new_tokens: int = 8, *,
+def banned_ids(collator, vocab_rows: int | None = None) -> list[int]:
+    return banned_token_ids(collator.processor.tokenizer, collator.latent_ids, collator.eos_id, vocab_rows)
+
+
+def greedy_answers(model, collator, samples, policy: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *,
                    use_cache: bool = True) -> list[str]:
     """Decoded answers for `samples`; `collator` must be built with with_answer=False.
 
@@ -73,7 +81,7 @@ def greedy_answers(model, collator, samples, policy: str, max_new_tokens: int = 
 
 
 @torch.no_grad()
-def greedy_ids(model, collator, samples, policy: str, max_new_tokens: int = 8, *,
+def greedy_ids(model, collator, samples, policy: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *,
                use_cache: bool = True) -> list[list[int]]:
     """The generated token ids per sample (<eos> excluded), cached or (use_cache=False) recomputed."""
     if not samples:

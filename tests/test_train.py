@@ -479,6 +479,56 @@ def test_stage2_init_from_stage1_and_exports(tmp_path, demo_data, tiny_tied_dirs
     assert (out / "stage2" / "DONE").exists()
     assert "initialised from" in r.stderr + r.stdout
 
+    # Every export's card carries every validation of every stage so far, as metrics.jsonl has them.
+    want1, want2 = validations(stage1, 1), validations(out / "stage2", 2)
+    assert want1 and want2
+    stage2_card_text = (out / "stage2" / "export" / "final" / "README.md").read_text()
+    stage2_card = card_validations(stage2_card_text)
+    assert stage2_card == {1: want1, 2: want2}
+    assert card_validations((merged_dir / "README.md").read_text()) == {1: want1}
+    best_dir = ref4[0] / "stage1" / "export" / "best"  # written when it was best: the validations until then
+    best_epoch = json.loads((best_dir / "livr.json").read_text())["epoch"]
+    assert card_validations((best_dir / "README.md").read_text()) == {1: [v for v in want1 if v[0] <= best_epoch]}
+    # and the data it was trained on, with the manifests' counts
+    manifest = json.load(open(os.path.join(demo_data, "manifest.json")))["splits"]
+    for split in ("train", "val"):
+        counts = manifest[split]["tasks"]
+        line = f"- `{demo_data}` ({split}): {manifest[split]['total']} samples (" \
+            + ", ".join(f"{t} {n}" for t, n in sorted(counts.items())) + ")"
+        assert stage2_card_text.count(line) == 2, line  # Stage 1's section and Stage 2's
+    best = max(want1, key=lambda v: v[2])  # the first of the highest (max keeps the first)
+    assert f"best {best[2]:.2f} at epoch {best[0]}, final {want1[-1][2]:.2f} at epoch {want1[-1][0]}" in \
+        (merged_dir / "README.md").read_text()
+
+
+def validations(stage_dir, stage):
+    """metrics.jsonl's validation records as (epoch, step, mean, {task: accuracy}), rounded as a card prints."""
+    out = []
+    for line in open(os.path.join(stage_dir, "metrics.jsonl")):
+        rec = json.loads(line)
+        if "val_accuracy" in rec and rec["stage"] == stage:
+            out.append((rec["epoch"], rec["step"], round(rec["val_accuracy"], 2),
+                        {k[4:]: round(v, 2) for k, v in rec.items() if k.startswith("val_") and k != "val_accuracy"}))
+    return out
+
+
+def card_validations(card):
+    """The card's validation tables, per stage, in the shape of `validations`."""
+    tables, stage, tasks = {}, None, None
+    for line in card.splitlines():
+        if line.startswith("### Stage "):
+            stage = int(line.split()[2])
+        elif line.startswith("| epoch | step | mean |"):
+            tasks = [c.strip() for c in line.strip("|").split("|")][3:]
+            tables[stage] = []
+        elif line.startswith("| ") and tasks is not None and stage in tables and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            tables[stage].append((int(cells[0]), int(cells[1]), float(cells[2]),
+                                  {t: float(c) for t, c in zip(tasks, cells[3:]) if c != "-"}))
+        elif not line.startswith("|"):
+            tasks = None
+    return tables
+
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path, demo_data, tiny_dirs):
     out, r = train(tmp_path, "nan", demo_data, tiny_dirs["qwen2_5_vl"], nproc=1,

@@ -62,10 +62,12 @@ class BackboneAdapter:
 
     def prompt_text(self, processor, question: str, num_images: int) -> str:
         """The chat-templated user turn with one image placeholder per image, ending with the
-        assistant header: the latents follow it, then the answer."""
+        assistant header: the latents follow it (the collator appends their ids), then the answer.
+        `add_latents=False`: an export's template would add the latents itself (export/serving.py);
+        a base template ignores the variable."""
         content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
         return processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, add_latents=False
         )
 
     def encode_prompt(self, processor, question: str, images: list[Image.Image]) -> EncodedPrompt:

@@ -21,7 +21,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
     LlavaOnevisionImageProcessorPil,
 )
 
-from .base import BackboneAdapter, image_only_processor, read_chat_template, read_processor_kwargs
+from .base import BackboneAdapter, EncodedPrompt, image_only_processor, read_chat_template, read_processor_kwargs
 from .tokenizer import build_tiny_tokenizer
 
 LLAVA_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
@@ -33,7 +33,11 @@ class LlavaOnevisionAdapter(BackboneAdapter):
     model_class = LlavaOnevisionForConditionalGeneration
     processor_class = image_only_processor(LlavaOnevisionProcessor)
     image_token = "<image>"
-    vision_keys = ("pixel_values", "image_sizes")
+    # batch_num_images: how many images each prompt has. LLaVA-OneVision tiles (AnyRes) only the
+    # image of a single-image prompt; each image of a multi-image prompt is one base tile
+    # (num_image_tokens + 1 newline token). The processor decides from the images' nesting, the
+    # model from this tensor, so both must see it, as transformers' chat template path does.
+    vision_keys = ("pixel_values", "image_sizes", "batch_num_images")
     processor_settings = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
     tiny_processor_kwargs = {"num_image_tokens": (TINY_TILE // 14) ** 2, "vision_feature_select_strategy": "full",
                              "vision_aspect_ratio": "anyres_max_4"}
@@ -55,6 +59,12 @@ class LlavaOnevisionAdapter(BackboneAdapter):
         return super().load_model(path, dtype=dtype, attn_implementation=attn_implementation,
                                   trust_remote_code=trust_remote_code)
 
+    def encode_prompt(self, processor, question, images):
+        text = self.prompt_text(processor, question, len(images))
+        out = processor(text=[text], images=[list(images)] if images else None, return_tensors="pt")
+        vision = {k: out[k] for k in self.vision_keys if k in out}
+        return EncodedPrompt(out["input_ids"][0].tolist(), vision, len(images))
+
     def collate_vision(self, per_sample):
         # AnyRes gives each image a different number of tiles: pad the tile axis (the model
         # unpads by image_sizes).
@@ -64,7 +74,9 @@ class LlavaOnevisionAdapter(BackboneAdapter):
         tiles = max(p.shape[1] for p in pixels)
         padded = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
         sizes = torch.cat([v["image_sizes"] for v in per_sample if "image_sizes" in v], dim=0)
-        return {"pixel_values": torch.cat(padded, dim=0), "image_sizes": sizes}
+        counts = torch.cat([v.get("batch_num_images", torch.ones(len(v["image_sizes"]), dtype=torch.long))
+                            for v in per_sample if "image_sizes" in v])
+        return {"pixel_values": torch.cat(padded, dim=0), "image_sizes": sizes, "batch_num_images": counts}
 
     def vision_modules(self, model):
         return [model.model.vision_tower, model.model.multi_modal_projector]

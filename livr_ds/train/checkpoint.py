@@ -3,7 +3,7 @@
 The trainable tensors and their Adam moments (world-size-free, see below), per-rank RNG state as
 JSON, and the trainer state (data position, counters, best metric, metrics line count, wandb run
 id), written to a temporary directory and renamed into place only when complete; `--resume auto`
-takes the newest complete one. Exports (what a run produces for use) are livr_ds/export.py's.
+takes the newest complete one. Exports (what a run produces for use) are livr_ds/export/'s.
 
 Nothing here unpickles: our own files are JSON and safetensors.
 """

@@ -347,7 +347,8 @@ class Trainer:
             log.warning("%d optimizer steps of this stage were skipped (no answer token on any rank)",
                         st["skipped_steps"])
         export.save_export(self.backbone, cfg, cfg.stage, os.path.join(self.out, "export", "final"),
-                           extra={"epoch": st["epoch"], "global_step": st["global_step"]})
+                           extra={"epoch": st["epoch"], "global_step": st["global_step"]},
+                           run_dir=self.out, init_from=self.init_from)
         if dist.is_main():
             with open(os.path.join(self.out, "DONE"), "w") as f:
                 f.write(f"{st['global_step']}\n")
@@ -467,7 +468,8 @@ class Trainer:
                 st["best_val"], st["best_epoch"] = acc["mean"], st["epoch"]
                 export.save_export(self.backbone, self.cfg, self.cfg.stage,
                                    os.path.join(self.out, "export", "best"),
-                                   extra={"epoch": st["epoch"], "val_accuracy": acc["mean"]})
+                                   extra={"epoch": st["epoch"], "val_accuracy": acc["mean"]},
+                                   run_dir=self.out, init_from=self.init_from)
             dist.barrier()
         self.save()
 
