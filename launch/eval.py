@@ -7,7 +7,7 @@
 
 --mode standard | no_latents | bottleneck | bottleneck_no_latents; --probe attention adds the
 answer->latent attention measure and latent->image heat maps (<stem>.probes/*.png).
-See livr_ds/eval_cli.py, livr_ds/evaluate.py and docs/evaluation.md.
+See livr_ds/evaluation/ (cli.py, loop.py) and docs/evaluation.md.
 """
 
 import os
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from livr_ds.eval_cli import main  # noqa: E402
+from livr_ds.evaluation.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

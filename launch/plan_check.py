@@ -29,7 +29,7 @@ from livr_ds.config import load_config  # noqa: E402
 from livr_ds.data.collate import LivrCollator  # noqa: E402
 from livr_ds.data.schema import Sample  # noqa: E402
 from livr_ds.modeling import build_backbone, enable_gradient_checkpointing  # noqa: E402
-from livr_ds.plan import activation_bytes, build_meta, count_shapes  # noqa: E402
+from livr_ds.tools.memory_plan import activation_bytes, build_meta, count_shapes  # noqa: E402
 
 
 def _status(field: str) -> int:

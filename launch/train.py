@@ -86,9 +86,10 @@ def main(argv=None) -> int:
 
 def finished_summary(cfg, stages: list[int]) -> str:
     """What `--stage all` prints at its end: where the outputs are, the per-task validation
-    table of both stages (livr_ds/report.py), and the commands to run next."""
+    table of both stages (livr_ds/report/tables.py), and the commands to run next."""
     from livr_ds.data.sources import ShardSource
-    from livr_ds.report import load_run, validation_table
+    from livr_ds.report.run import load_run
+    from livr_ds.report.tables import validation_table
     from livr_ds.train.trainer import stage_dir
 
     out = cfg.output.dir

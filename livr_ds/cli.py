@@ -67,19 +67,22 @@ def _optional_commands():
     from .builders.cli import add_data_commands
 
     yield add_data_commands
-    from .bench import add_bench_command
+    from .tools.bench import add_bench_command
 
     yield add_bench_command
-    from .eval_cli import add_eval_commands
+    from .evaluation.cli import add_eval_commands
 
     yield add_eval_commands
-    from .report import add_report_command
+    from .experiments.bottleneck_proof import add_experiment_command
+
+    yield add_experiment_command
+    from .report.write import add_report_command
 
     yield add_report_command
-    from .doctor import add_doctor_command
+    from .tools.doctor import add_doctor_command
 
     yield add_doctor_command
-    from .plan import add_plan_command
+    from .tools.memory_plan import add_plan_command
 
     yield add_plan_command
 

@@ -245,7 +245,7 @@ class LivrModel(torch.nn.Module):
     an all-gather that all ranks join), so the forward never skips one: the LM head runs even on
     a batch without answer tokens, and with `lockstep` (set by the trainer under ZeRO-3) the
     vision tower runs on a small blank image when a batch has no image, and evaluation keeps
-    every rank's forwards in step (evaluate.py, generate.py)."""
+    every rank's forwards in step (evaluation/loop.py, evaluation/generate.py)."""
 
     def __init__(self, peft_model, adapter: BackboneAdapter, processor, backend: str,
                  latent_rows: LatentRows | None = None):

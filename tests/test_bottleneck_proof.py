@@ -7,7 +7,6 @@ steps, docs/evaluation.md), so this test checks the artefacts and their consiste
 effect; the full run's measured table is in docs/evaluation.md.
 """
 
-import argparse
 import json
 import os
 
@@ -47,10 +46,9 @@ def test_checks_read_the_finding():
 
 
 def test_shortened_proof_end_to_end(tmp_path, capsys):
-    from livr_ds.eval_cli import add_eval_commands
+    from livr_ds.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="livr-ds")
-    add_eval_commands(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     out = tmp_path / "proof"
     args = parser.parse_args(["experiment", "bottleneck-proof", "--out", str(out), "--stage1-steps", "6",
                               "--stage2-steps", "3", "--batch", "8",

@@ -45,16 +45,25 @@ def test_base_files_and_overrides(tmp_path):
     ("output: {keep_last: 0}\n", r"output.keep_last: must be >= 1"),
     ("output: {keep_last: -1}\n", r"output.keep_last: must be >= 1"),
     ("output: {save_every_steps: -5}\n", r"output.save_every_steps: must be >= 0"),
-    ("output: {save_every_minutes: -1}\n", r"output.save_every_minutes: must be >= 0"),
+    ("output: {save_every_minutes: -1}\n", r"output.save_every_minutes: must be a finite number >= 0"),
     ("lora: {alpha: 0}\n", r"lora.alpha: must be > 0"),
     ("lora: {dropout: 1.0}\n", r"lora.dropout: must be in \[0, 1\)"),
     ("lora: {dropout: -0.1}\n", r"lora.dropout: must be in \[0, 1\)"),
-    ("optim: {grad_clip: -1}\n", r"optim.grad_clip: must be >= 0"),
-    ("optim: {weight_decay: -0.01}\n", r"optim.weight_decay: must be >= 0"),
+    ("optim: {grad_clip: -1}\n", r"optim.grad_clip: must be a finite number >= 0"),
+    ("optim: {weight_decay: -0.01}\n", r"optim.weight_decay: must be a finite number >= 0"),
     ("optim: {betas: [0.9, 1.0]}\n", r"optim.betas: must be two numbers in \[0, 1\)"),
     ("optim: {lr: .inf}\n", r"optim.lr: must be a finite number > 0"),
     ("optim: {lr: .nan}\n", r"optim.lr: must be a finite number > 0"),
     ("model: {max_pixels: -1}\n", r"model.min_pixels/max_pixels: must be >= 0"),
+    ("optim: {eps: .inf}\n", r"optim.eps: must be a finite number > 0"),
+    ("optim: {grad_clip: .inf}\n", r"optim.grad_clip: must be a finite number >= 0"),
+    ("optim: {weight_decay: .nan}\n", r"optim.weight_decay: must be a finite number >= 0"),
+    ("output: {save_every_minutes: .inf}\n", r"output.save_every_minutes: must be a finite number >= 0"),
+    ("model: {min_pixels: 200000, max_pixels: 100000}\n", r"model.min_pixels/max_pixels: min_pixels 200000 is above "
+                                                           r"max_pixels 100000"),
+    ("data: {val_max_samples: -1}\n", r"data.val_max_samples: must be >= 0"),
+    ("data: {val: [{path: v, weight: 0}]}\n", r"data.val\[\].weight: must be a finite number > 0"),
+    ("data: {train: [{path: t, weight: .inf}]}\n", r"data.train\[\].weight: must be a finite number > 0"),
     ("optim: {global_batch_size: 6, micro_batch_size: 4}\n", r"optim.global_batch_size 6 is not a multiple of "
                                                               r"optim.micro_batch_size 4"),
 ])
@@ -67,6 +76,9 @@ def test_bad_configs_name_the_key(tmp_path, text, match):
     ("latents.nmu=4", "unknown config key 'latents.nmu'"),
     ("mask.stage1=botleneck", "unknown policy 'botleneck'"),
     ("latents.num=-2", "latents.num: must be >= 0"),
+    ("optim.eps=inf", "optim.eps: must be a finite number > 0"),
+    ("output.save_every_minutes=inf", "output.save_every_minutes: must be a finite number >= 0"),
+    ("data.val_max_samples=-1", "data.val_max_samples: must be >= 0"),
 ])
 def test_train_entry_point_exits_nonzero_on_bad_config(tmp_path, override, match):
     path = write(tmp_path, "name: x\n")

@@ -472,6 +472,8 @@ def _bad_set(tmp_path, kind: str) -> tuple[str, str]:
         bad[1]["0.png"] = bad[1]["0.png"][: len(bad[1]["0.png"]) // 2]
     elif kind == "missing_field":
         bad[1]["json"] = json.dumps({"task": "t", "choices": ["x"], "answer": "A"}).encode()
+    elif kind == "deep_json":  # json.loads recurses once per level: RecursionError, not JSONDecodeError
+        bad[1]["json"] = b"[" * 100_000 + b"]" * 100_000
     elif kind == "answer_not_in_choices":
         bad[1]["json"] = json.dumps({"task": "t", "question": "q", "choices": ["x", "y"], "answer": "C"}).encode()
     _raw_tar(str(d / "train-00001.tar"), bad)
@@ -488,6 +490,7 @@ def _bad_set(tmp_path, kind: str) -> tuple[str, str]:
     ("truncated_image", "b1", "cannot decode image"),
     ("missing_field", "b1", "missing field 'question'"),
     ("answer_not_in_choices", "b1", "not among the 2 choices"),
+    ("deep_json", "b1", "json member is not valid JSON \\(RecursionError"),
     ("garbage_tar", "", "corrupt or truncated tar|shard ended"),
     ("truncated_tar", "#1", "shard ended after 1 samples"),  # b0 is complete and delivered
 ])
@@ -655,7 +658,7 @@ print("done")
 
 # ---- BLINK as it ships, image roots ---------------------------------------------------------
 def test_task_names_agree_everywhere():
-    from livr_ds import table
+    from livr_ds.evaluation import table
     from livr_ds.builders.cli import TASKS as BUILD_TASKS
     from livr_ds.builders.dedup import BLINK_SUBSETS
     from livr_ds.data.tasks import BLINK_SUBTASKS, PAPER_TASKS, blink_subtask, canonical_task

@@ -16,8 +16,10 @@ import sys
 import pytest
 import torch
 
-from livr_ds import eval_cli, evaluate, probes, segments
-from livr_ds.answers import is_correct, parse_choice, parse_count
+from livr_ds import segments
+from livr_ds.evaluation import cli as eval_cli
+from livr_ds.evaluation import loop, modes, probes, scoring
+from livr_ds.evaluation.scoring import is_correct, parse_choice, parse_count
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(600)
@@ -120,7 +122,7 @@ def read_jsonl(path):
 def test_modes_change_exactly_the_input_and_mask(lora_export, demo):
     """Record what evaluate() hands the model: per mode, the latents in the input and the mask of
     the prefill (the prompt batch, run once; generation then decodes against the KV cache)."""
-    backbone = evaluate.load_model(lora_export)
+    backbone = loop.load_model(lora_export)
     assert len(backbone.latent_ids) == K
     model = backbone.model
     batches, masks = [], []
@@ -134,17 +136,17 @@ def test_modes_change_exactly_the_input_and_mask(lora_export, demo):
     hook = model.hf_model.model.register_forward_pre_hook(
         lambda mod, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
     feeds = {}
-    for mode in evaluate.MODES:
+    for mode in modes.MODES:
         batches.clear()
         masks.clear()
-        evaluate.evaluate(backbone, [demo], mode, batch_size=4, max_new_tokens=2, max_samples=3)
-        batch, policy = batches[0], evaluate.MODES[mode].policy  # the first prefill: prompt (+ latents) only
+        loop.evaluate(backbone, [demo], mode, batch_size=4, max_new_tokens=2, max_samples=3)
+        batch, policy = batches[0], modes.MODES[mode].policy  # the first prefill: prompt (+ latents) only
         feeds[mode] = batch
         # The mask the model was given is exactly the policy's rule on this batch.
         assert torch.equal(masks[0], segments.dense_mask(batch["segment_ids"], batch["doc_ids"], policy))
         assert torch.equal(model.attention_mask(batch, policy), masks[0])
-    assert evaluate.MODES["bottleneck"].policy == "bottleneck" == evaluate.MODES["bottleneck_no_latents"].policy
-    assert evaluate.MODES["standard"].policy == "standard" == evaluate.MODES["no_latents"].policy
+    assert modes.MODES["bottleneck"].policy == "bottleneck" == modes.MODES["bottleneck_no_latents"].policy
+    assert modes.MODES["standard"].policy == "standard" == modes.MODES["no_latents"].policy
 
     for with_lat, without in (("standard", "no_latents"), ("bottleneck", "bottleneck_no_latents")):
         a, b = feeds[with_lat], feeds[without]
@@ -184,7 +186,7 @@ def _backbone(tiny_dir, family, backend="sdpa"):
 
 def _mixed_samples(demo, n):
     """n samples, alternating between the two tasks: prompts of different lengths."""
-    every = [s for _, ss in evaluate.iter_samples([demo], "test", 0, 1, 10) for s in ss]
+    every = [s for _, ss in loop.iter_samples([demo], "test", 0, 1, 10) for s in ss]
     by_task = [[s for s in every if s.task == t] for t in sorted({s.task for s in every})]
     return [by_task[i % 2][i // 2] for i in range(n)]
 
@@ -195,7 +197,7 @@ def test_cached_generation_equals_recompute(tiny_dirs, demo, family, backend):
     """Prefill once + one cached step per token gives exactly the reference loop's token ids
     (the whole padded sequence recomputed per token), in every eval mode, on a right-padded batch
     whose rows end at different steps; and it runs the vision tower once per call."""
-    from livr_ds import generate
+    from livr_ds.evaluation import generate
 
     if backend == "flex":  # transformers compiles flex; recompiling for another model in the same
         torch._dynamo.reset()  # process hits an inductor CPU codegen bug (cur_kvSplitSize8), see test_model
@@ -205,8 +207,8 @@ def test_cached_generation_equals_recompute(tiny_dirs, demo, family, backend):
     calls = []
     tower = backbone.adapter.vision_modules(model.hf_model)[0]
     hook = tower.register_forward_hook(lambda *a: calls.append(1))
-    for name, mode in evaluate.MODES.items():
-        collator = evaluate.make_collator(backbone, mode, with_answer=False)
+    for name, mode in modes.MODES.items():
+        collator = loop.make_collator(backbone, mode, with_answer=False)
         lengths = [len(collator.encode(s).input_ids) for s in samples]
         assert len(set(lengths)) > 1  # right padding is exercised
         logits = []
@@ -259,7 +261,7 @@ def test_cached_generation_equals_recompute(tiny_dirs, demo, family, backend):
 def test_cached_decode_masks_follow_the_segment_rule(tiny_dirs, demo):
     """Each decode step's mask row is the segment rule for an ANSWER token after the cache: no
     padding, and under the bottleneck no image token; positions continue each row's own."""
-    from livr_ds import generate
+    from livr_ds.evaluation import generate
 
     backbone = _backbone(tiny_dirs["qwen2_5_vl"], "qwen2_5_vl")
     model = backbone.model
@@ -270,7 +272,7 @@ def test_cached_decode_masks_follow_the_segment_rule(tiny_dirs, demo):
                                                kwargs["position_ids"])), with_kwargs=True)
     for policy in ("standard", "bottleneck"):
         seen.clear()
-        collator = evaluate.make_collator(backbone, evaluate.MODES[policy], with_answer=False)
+        collator = loop.make_collator(backbone, modes.MODES[policy], with_answer=False)
         generate.greedy_ids(model, collator, samples, policy, 3)
         batch = collator.pad([collator.encode(s) for s in samples])
         seg = batch["segment_ids"]
@@ -297,7 +299,6 @@ def test_evaluate_takes_an_engine_and_shard_sources(lora_export, demo):
     gather_accuracy (one process: no collective) is accuracy_by_task over them."""
     import dataclasses
 
-    from livr_ds import generate
     from livr_ds.config import DataSource
     from livr_ds.data.sources import ShardSource
 
@@ -306,18 +307,18 @@ def test_evaluate_takes_an_engine_and_shard_sources(lora_export, demo):
             super().__init__()
             self.module = module
 
-    backbone = evaluate.load_model(lora_export)
+    backbone = loop.load_model(lora_export)
     kw = dict(batch_size=3, max_new_tokens=2, max_samples=5)
-    expected, _ = evaluate.evaluate(backbone, [demo], "bottleneck", **kw)
+    expected, _ = loop.evaluate(backbone, [demo], "bottleneck", **kw)
     engine = Engine(backbone.model)
     engine.train()
     wrapped = dataclasses.replace(backbone, model=engine)
-    got, _ = evaluate.evaluate(wrapped, [ShardSource(demo, split="test")], "bottleneck", **kw)
+    got, _ = loop.evaluate(wrapped, [ShardSource(demo, split="test")], "bottleneck", **kw)
     assert got == expected and len(got) == 5
     assert backbone.model.training  # evaluate() put it in eval mode and gave it back as it was
-    got, _ = evaluate.evaluate(wrapped, [DataSource(path=demo, weight=1.0)], "bottleneck", split="test", **kw)
+    got, _ = loop.evaluate(wrapped, [DataSource(path=demo, weight=1.0)], "bottleneck", split="test", **kw)
     assert got == expected
-    assert evaluate.gather_accuracy(got) == generate.accuracy_by_task(expected)
+    assert loop.gather_accuracy(got) == scoring.accuracy_by_task(expected)
 
 
 def test_max_tokens_defaults_to_the_exports(lora_export, demo, tmp_path):
@@ -350,20 +351,20 @@ def test_device_and_dtype_defaults(monkeypatch):
     args = eval_args(["--ckpt", "c", "--data", "d", "--out", "o.json"])
     assert (args.device, args.dtype) == ("auto", "auto")
     if not torch.cuda.is_available():
-        assert evaluate.resolve_device("auto") == torch.device("cpu")
+        assert loop.resolve_device("auto") == torch.device("cpu")
         with pytest.raises(ValueError, match="no CUDA"):
-            evaluate.resolve_device("cuda")
-    assert evaluate.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert evaluate.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+            loop.resolve_device("cuda")
+    assert loop.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert loop.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert evaluate.resolve_device("auto") == torch.device("cuda", 1)
-    assert evaluate.resolve_device("cpu") == torch.device("cpu")
-    assert evaluate.resolve_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
-    assert evaluate.resolve_dtype("float32", torch.device("cuda", 1)) == torch.float32
+    assert loop.resolve_device("auto") == torch.device("cuda", 1)
+    assert loop.resolve_device("cpu") == torch.device("cpu")
+    assert loop.resolve_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
+    assert loop.resolve_dtype("float32", torch.device("cuda", 1)) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert evaluate.resolve_dtype("auto", torch.device("cuda", 1)) == torch.float32
+    assert loop.resolve_dtype("auto", torch.device("cuda", 1)) == torch.float32
 
 
 # ---- results files, zero-shot ---------------------------------------------------------------
@@ -385,7 +386,7 @@ def test_zero_shot_results_file_and_provenance(tiny_dirs, demo, tmp_path, monkey
     assert saved["mean"] == pytest.approx(sum(v["accuracy"] for v in saved["per_task"].values()) / 2)
     prov = saved["provenance"]
     assert prov["zero_shot"] is True and prov["ckpt"] is None and prov["num_latents"] == 0
-    assert prov["max_tokens"] == evaluate.DEFAULT_MAX_TOKENS == 8192
+    assert prov["max_tokens"] == loop.DEFAULT_MAX_TOKENS == 8192
     if not torch.cuda.is_available():
         assert (prov["device"], prov["dtype"]) == ("cpu", "float32")
     with open(os.path.join(demo, "manifest.json"), "rb") as f:
@@ -428,9 +429,9 @@ def test_likelihood_scoring_is_forced_choice(lora_export, demo, tmp_path):
     assert len(mc) == 5 and all(len(r["option_loglik"]) == 2 and r["parsed"] in "AB" for r in mc)
     assert res["parse_failures"]["per_task"]["localization"] == 0
     assert all("option_loglik" not in r for r in records if r["task"] == "counting")
-    backbone = evaluate.load_model(lora_export)
-    collator = evaluate.make_collator(backbone, evaluate.MODES["bottleneck"], with_answer=True)
-    sample = next(s for _, ss in evaluate.iter_samples([demo], "test", 0, 1, 10) for s in ss if s.choices)
+    backbone = loop.load_model(lora_export)
+    collator = loop.make_collator(backbone, modes.MODES["bottleneck"], with_answer=True)
+    sample = next(s for _, ss in loop.iter_samples([demo], "test", 0, 1, 10) for s in ss if s.choices)
     rec = next(r for r in mc if r["key"] == sample.key)
     import dataclasses
 
@@ -484,14 +485,14 @@ def test_max_samples_is_a_fixed_mix_of_tasks(tmp_path):
     def take(world, n):
         got = []
         for rank in range(world):
-            got += [(p, s.task, s.key) for ps, ss in evaluate.iter_samples([data], "test", rank, world, 3, n)
+            got += [(p, s.task, s.key) for ps, ss in loop.iter_samples([data], "test", rank, world, 3, n)
                     for p, s in zip(ps, ss)]
         return sorted(got)
 
     one, two = take(1, 10), take(2, 10)
     assert one == two and len(one) == 10
     assert len({t for _, t, _ in one}) == 2
-    everything = [s.task for _, ss in evaluate.iter_samples([data], "test", 0, 1, 4) for s in ss]
+    everything = [s.task for _, ss in loop.iter_samples([data], "test", 0, 1, 4) for s in ss]
     assert len(everything) == 40 and len(set(everything[:10])) == 1  # an unshuffled first 10: one task
 
 
@@ -502,10 +503,10 @@ def test_probe_equals_direct_computation(lora_export, demo, tmp_path):
     res = eval_cli.run(eval_args(["--ckpt", lora_export, "--data", demo, "--mode", "standard", "--out", out,
                                   "--batch-size", "3", "--max-new-tokens", "2", "--max-samples", "5",
                                   "--probe", "attention", "--probe-images", "2"]))
-    backbone = evaluate.load_model(lora_export, attn_backend="eager")
+    backbone = loop.load_model(lora_export, attn_backend="eager")
     model = backbone.model
-    collator = evaluate.make_collator(backbone, evaluate.MODES["standard"], with_answer=True)
-    samples = [s for _, ss in evaluate.iter_samples([demo], "test", 0, 1, 5, 5) for s in ss]
+    collator = loop.make_collator(backbone, modes.MODES["standard"], with_answer=True)
+    samples = [s for _, ss in loop.iter_samples([demo], "test", 0, 1, 5, 5) for s in ss]
     total, count, per_sample = 0.0, 0, []
     for s in samples:
         batch = collator([s])
@@ -541,9 +542,9 @@ def test_probe_equals_direct_computation(lora_export, demo, tmp_path):
 def test_probe_maps_follow_the_mask(lora_export, demo):
     """Latent->image maps sit on each image's token grid; under the bottleneck the answer
     puts no attention on image tokens, the latents do."""
-    backbone = evaluate.load_model(lora_export, attn_backend="eager")
-    collator = evaluate.make_collator(backbone, evaluate.MODES["bottleneck"], with_answer=True)
-    samples = [s for _, ss in evaluate.iter_samples([demo], "test", 0, 1, 2, 2) for s in ss]
+    backbone = loop.load_model(lora_export, attn_backend="eager")
+    collator = loop.make_collator(backbone, modes.MODES["bottleneck"], with_answer=True)
+    samples = [s for _, ss in loop.iter_samples([demo], "test", 0, 1, 2, 2) for s in ss]
     batch = collator(samples)
     attn = torch.stack(probes.attention_weights(backbone.model, batch, "bottleneck"))
     layers, B, heads = attn.shape[:3]
@@ -557,7 +558,7 @@ def test_probe_maps_follow_the_mask(lora_export, demo):
     _, maps = probes.attention_probe(backbone.model, batch, "bottleneck", want_maps=True)
     assert [m[0].shape for m in maps] == [torch.Size([4, 4])] * 2  # 112 px -> 8 x 8 patches -> 4 x 4 tokens
     with pytest.raises(ValueError, match="eager"):
-        probes.attention_weights(evaluate.load_model(lora_export).model, batch, "standard")
+        probes.attention_weights(loop.load_model(lora_export).model, batch, "standard")
 
 
 # ---- table ---------------------------------------------------------------------------------
@@ -570,11 +571,9 @@ def _result(path, name, mode, per_task):
 
 
 def cli(argv):
-    from livr_ds.eval_cli import add_eval_commands
+    from livr_ds.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="livr-ds")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_commands(sub)
+    parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -600,11 +599,9 @@ def test_table_two_files(tmp_path, capsys):
 
 
 def test_cli_registers_eval_table_experiment():
-    from livr_ds.eval_cli import add_eval_commands
+    from livr_ds.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="livr-ds")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_commands(sub)
+    parser = build_parser()
     a = parser.parse_args(["experiment", "bottleneck-proof", "--out", "x", "--stage1-steps", "5"])
     assert a.experiment == "bottleneck-proof" and a.stage1_steps == 5 and callable(a.func)
     a = parser.parse_args(["eval", "--ckpt", "c", "--data", "d", "--out", "o.json", "--mode", "no_latents"])
@@ -644,3 +641,19 @@ def test_table_puts_blink_subtask_names_in_the_paper_columns(tmp_path, capsys):
                                                              "iq_test": 30.0})
     assert cli(["table", old]) == 0
     assert capsys.readouterr().out.strip().splitlines()[0] == "| Method | Counting | Localization | Iq Test | Mean |"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-samples", "-1", "--max-samples -1: must be >= 0 (0 = all samples)"),
+    ("--batch-size", "0", "--batch-size 0: must be >= 1"),
+    ("--max-new-tokens", "0", "--max-new-tokens 0: must be >= 1"),
+])
+def test_eval_refuses_counts_that_would_evaluate_nothing(tmp_path, capsys, flag, value, message):
+    """Checked before anything loads: a negative --max-samples used to evaluate 0 samples, 'accuracy 0.0'."""
+    from livr_ds.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["eval", "--ckpt", str(tmp_path / "none"), "--data", str(tmp_path), "--out", str(out),
+                 flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

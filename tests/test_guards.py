@@ -3,7 +3,6 @@ step without any answer token is skipped (not an AdamW step over nothing), and t
 stops a run in which something that should train does not, or something frozen moved."""
 
 import json
-import os
 import re
 import shutil
 import glob

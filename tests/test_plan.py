@@ -6,7 +6,7 @@ import os
 
 from livr_ds import cli
 from livr_ds.config import load_config
-from livr_ds.plan import DS_CONFIGS, activation_bytes, build_meta, count_shapes, plan
+from livr_ds.tools.memory_plan import DS_CONFIGS, activation_bytes, build_meta, count_shapes, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

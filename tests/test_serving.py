@@ -23,7 +23,7 @@ import yaml
 
 from livr_ds.config import load_config
 from livr_ds.data.collate import LivrCollator, format_question
-from livr_ds.evaluate import iter_samples
+from livr_ds.evaluation.loop import iter_samples
 from livr_ds.models import get_adapter
 from tests.conftest import TINY_SPARE_ROWS
 
@@ -169,7 +169,7 @@ def test_rendered_prompt_is_the_collators_token_for_token(served, demo):
 def test_generation_config_is_livr_ds_evals_decoding(served):
     from transformers import GenerationConfig
 
-    from livr_ds.generate import DEFAULT_MAX_NEW_TOKENS, banned_ids
+    from livr_ds.evaluation.generate import DEFAULT_MAX_NEW_TOKENS, banned_ids
 
     collator = LivrCollator(served.bb.adapter, served.bb.processor, served.bb.latent_ids, with_answer=False)
     rows = served.bb.model.hf_model.get_input_embeddings().weight.shape[0]

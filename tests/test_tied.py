@@ -257,7 +257,7 @@ def test_merged_latent_rows_give_the_same_logits_and_leave_the_table_exact(train
 
 
 def test_generation_never_picks_rows_beyond_the_tokenizer():
-    from livr_ds.generate import banned_ids
+    from livr_ds.evaluation.generate import banned_ids
 
     collator = SimpleNamespace(processor=SimpleNamespace(tokenizer=type("T", (), {
         "all_special_ids": [5, 7], "__len__": lambda self: 10})()), latent_ids=[8, 9], eos_id=7)

@@ -657,8 +657,24 @@ def test_bad_samples_are_counted_over_all_ranks(tmp_path, demo_data, tiny_dirs):
             f.seek(member.offset_data)
             f.write(b"\0" * 64)  # no image format left to recognise
         damaged.append(member.name.split(".")[0])
-    out, r = train(tmp_path, "bad", str(data), tiny_dirs["qwen2_5_vl"], nproc=2,
-                   sets=["data.on_error=skip", "schedule.stage1_epochs=1", "data.val=[]"])
-    state = json.loads((out / "stage1" / "checkpoints" / tags(out / "stage1")[-1] / "trainer_state.json").read_text())
-    assert state["loader_stats"]["bad"] == state["bad_samples"] == len(damaged) == 2
-    assert "2 bad samples skipped so far (all ranks" in r.stderr
+    sets = ["data.on_error=skip", "schedule.stage1_epochs=2", "data.val=[]", "output.save_every_steps=1"]
+    out, r = train(tmp_path, "bad", str(data), tiny_dirs["qwen2_5_vl"], nproc=2, sets=sets)
+
+    def last_state(stage_dir):
+        return json.loads((stage_dir / "checkpoints" / tags(stage_dir)[-1] / "trainer_state.json").read_text())
+
+    state = last_state(out / "stage1")
+    assert len(damaged) == 2
+    assert state["loader_stats"]["bad"] == state["bad_samples"] == 2 * len(damaged)  # each, once per epoch
+    assert "4 bad samples skipped so far (all ranks" in r.stderr
+
+    # Killed in epoch 2 and resumed: the counters carry on from the checkpoint, they do not restart.
+    steps_per_epoch = state["global_step"] // 2
+    killed, r = train(tmp_path, "bad-killed", str(data), tiny_dirs["qwen2_5_vl"], nproc=2, sets=sets,
+                      env={"LIVR_DS_FAULT": f"after_step:{steps_per_epoch + 1}"}, check=False)
+    assert r.returncode != 0 and not (killed / "stage1" / "DONE").exists()
+    train(tmp_path, "bad-killed", str(data), tiny_dirs["qwen2_5_vl"], nproc=2, sets=sets, extra=["--resume", "auto"])
+    resumed = last_state(killed / "stage1")
+    assert resumed["global_step"] == state["global_step"]
+    assert resumed["loader_stats"] == {**state["loader_stats"], "bad_keys_rank0": resumed["loader_stats"]["bad_keys_rank0"]}
+    assert resumed["bad_samples"] == state["bad_samples"]

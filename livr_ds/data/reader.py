@@ -194,8 +194,8 @@ def decode_sample(raw: dict, shard: str) -> Sample:
         raise DataError(f"{where}: missing json member")
     try:
         record = json.loads(raw["json"].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{where}: json member is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or nesting deeper than Python's stack
+        raise DataError(f"{where}: json member is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     found = []
     for ext in raw:
         m = IMAGE_MEMBER_RE.match(ext)

@@ -189,8 +189,8 @@ FORCED = "forced choice"
 def eval_run(stage2: str, data: str, results_dir: str, run: str, name: str, mode: str, n_test: int,
              scoring: str, probe: bool, probe_images: int) -> tuple[str, dict]:
     """One evaluation through launch/eval.py's argument parser and code (in this process)."""
-    from ..eval_cli import add_eval_arguments
-    from ..eval_cli import run as run_eval
+    from ..evaluation.cli import add_eval_arguments
+    from ..evaluation.cli import run as run_eval
 
     p = argparse.ArgumentParser()
     add_eval_arguments(p)
@@ -236,7 +236,7 @@ def checks(results: dict, n: int, margin: float) -> dict:
 
 
 def run_experiment(args) -> dict:
-    from .. import table
+    from ..evaluation import table
 
     out = os.path.abspath(args.out)
     args.config = os.path.abspath(args.config)
@@ -333,3 +333,14 @@ def run_cmd(args) -> int:
         print(f.read())
     print(f"total {summary['timings']['total_s']:.0f} s; finding shown: {summary['checks']['finding_shown']}")
     return 0
+
+
+def add_experiment_command(subparsers) -> None:
+    """`livr-ds experiment bottleneck-proof` (argparse set-up only: the heavy imports are deferred)."""
+    p = subparsers.add_parser("experiment", help="run a built-in experiment end to end")
+    exp = p.add_subparsers(dest="experiment", required=True)
+    b = exp.add_parser("bottleneck-proof", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="tiny VLM from scratch: LIVR vs latents-only vs Direct SFT under the test-time bottleneck",
+                       description=__doc__)
+    add_arguments(b)
+    b.set_defaults(func=run_cmd)

@@ -16,7 +16,8 @@ import re
 
 import yaml
 
-from ..evaluate import MODES
+from ..evaluation.modes import MODES
+from ..report.run import read_metrics
 from .serving import LATENT_SWITCH
 
 VAL_PREFIX = "val_"
@@ -36,22 +37,12 @@ def _source_counts(path: str, split: str) -> dict:
 
 
 def validation_history(metrics_path: str, stage: int) -> list[dict]:
-    """Every validation of `stage` in metrics.jsonl, in order: {epoch, step, mean, per_task}."""
-    if not os.path.isfile(metrics_path):
-        return []
-    history = []
-    with open(metrics_path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if "val_accuracy" not in record or record.get("stage") != stage:
-                continue
-            per_task = {k[len(VAL_PREFIX):]: v for k, v in record.items()
-                        if k.startswith(VAL_PREFIX) and k != "val_accuracy"}
-            history.append({"epoch": record["epoch"], "step": record["step"], "mean": record["val_accuracy"],
-                            "per_task": per_task})
-    return history
+    """Every validation of `stage` in metrics.jsonl, by epoch: {epoch, step, mean, per_task}. Read
+    as `livr-ds report` reads it (report/run.py: one row per epoch, a half-written line skipped)."""
+    _, rows, _ = read_metrics(metrics_path)
+    return [{"epoch": r["epoch"], "step": r["step"], "mean": r["val_accuracy"],
+             "per_task": {k[len(VAL_PREFIX):]: v for k, v in r.items() if k.startswith(VAL_PREFIX) and k != "val_accuracy"}}
+            for r in rows if r.get("stage") == stage]
 
 
 def best_validation(history: list[dict]) -> dict | None:

@@ -23,7 +23,7 @@ import os
 
 from transformers import GenerationConfig
 
-from .. import generate
+from ..evaluation import generate
 
 # The template variable that turns the latents off (`apply_chat_template(..., add_latents=False)`;
 # vLLM: `chat_template_kwargs={"add_latents": false}`).

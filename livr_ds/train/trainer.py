@@ -23,7 +23,9 @@ import yaml
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .. import evaluate, export, generate
+from .. import export
+from ..evaluation import generate
+from ..evaluation.loop import evaluate, gather_accuracy
 from ..config import ConfigError, ExperimentConfig
 from ..data.collate import LivrCollator
 from ..data.reader import LivrLoader, ShardSource
@@ -163,6 +165,9 @@ class Trainer:
                       "metrics_lines": 0, "bad_samples": 0, "skipped_steps": 0}
         self.resumed_rng = None
         self.resumed_from: str | None = None
+        # What the loaders of earlier runs of this stage counted (all ranks, from the checkpoint
+        # resumed): the counters of a run killed and resumed add up to an uninterrupted run's.
+        self.counted_before_resume = {"samples": 0, "pad": 0, "bad": 0}
         resumed = self._maybe_resume(resume)
         if not resumed and dist.is_main():
             self._set_aside_previous_run()
@@ -220,6 +225,8 @@ class Trainer:
         self.engine.global_steps = step
         self.engine.global_samples = step * self.plan.global_batch_size
         self.loader.load_state_dict(saved["loader"])
+        self.counted_before_resume = {k: int((saved.get("loader_stats") or {}).get(k, 0))
+                                      for k in self.counted_before_resume}
         if saved["world_size"] != dist.world_size():
             log.warning("resumed %s at world size %d (saved at %d): LoRA weights, latent rows, Adam moments, step "
                         "%d and the LR schedule restored; data continues at global sample %d; RNG streams are "
@@ -474,26 +481,27 @@ class Trainer:
         self.save()
 
     def validate(self) -> dict:
-        """Accuracy on the validation split: the eval CLI's loop (evaluate.evaluate, KV-cached greedy
+        """Accuracy on the validation split: the eval CLI's loop (evaluation.loop.evaluate, KV-cached greedy
         answers), each rank a share, gathered on every rank. With data.val_max_samples, the first N
         of a fixed seeded shuffle: the same mixed subset every epoch and at any world size.
         Validation measures the model as it will be used: the standard mask (the paper evaluates
         with plain causal attention after both stages)."""
         cfg = self.cfg
-        records, _ = evaluate.evaluate(
+        records, _ = evaluate(
             self.backbone, cfg.data.val, "standard", split=cfg.data.val_split,
             batch_size=max(cfg.optim.micro_batch_size, 4), max_samples=cfg.data.val_max_samples,
             max_tokens=cfg.data.max_tokens, num_workers=cfg.data.num_workers, seed=cfg.seed,
             on_error=cfg.data.on_error, rank=dist.rank(), world_size=dist.world_size())
-        return evaluate.gather_accuracy(records)
+        return gather_accuracy(records)
 
     def save(self) -> None:
         """A resume checkpoint of the current step (collective). At most one per step."""
         st = self.state
         if self.last_saved_step == st["global_step"]:
             return
-        counts = dist.all_reduce([self.loader.stats["samples"], self.loader.stats["pad"],
-                                  self.loader.stats["bad"]]).tolist()
+        keys = ("samples", "pad", "bad")
+        counts = [self.counted_before_resume[k] + int(n) for k, n in
+                  zip(keys, dist.all_reduce([self.loader.stats[k] for k in keys]).tolist())]
         st["bad_samples"] = int(counts[2])
         trainer_state = {**st, "metrics_lines": self.metrics.lines, "world_size": dist.world_size(),
                          "stage": self.cfg.stage, "loader": self.loader.state_dict(),

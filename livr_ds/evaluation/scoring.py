@@ -1,4 +1,5 @@
-"""Answer parsing and scoring, shared by validation during training and by evaluation.
+"""Answer parsing and scoring (records, accuracy per task, parse failures), shared by validation
+during training and by evaluation.
 
 Multiple choice: only a valid letter counts. An explicit "(X)" or "answer is X" wins, then a bare
 leading letter ("A", "A.", "A)"), then an exact option text. Never "the first capital letter"
@@ -59,3 +60,33 @@ def is_correct(prediction: str, answer: str, choices: list[str]) -> tuple[bool, 
     if gold is None:  # open-ended but not a number: exact match, case-insensitive
         return prediction.strip().lower() == answer.strip().lower(), prediction.strip()
     return parsed is not None and parsed == gold, None if parsed is None else str(parsed)
+
+
+def score(samples, predictions: list[str]) -> list[dict]:
+    """One record per sample: key, task, answer, prediction, parsed, correct."""
+    out = []
+    for s, pred in zip(samples, predictions):
+        ok, parsed = is_correct(pred, str(s.answer), list(s.choices))
+        out.append({"key": s.key, "task": s.task, "answer": str(s.answer), "prediction": pred,
+                    "parsed": parsed, "correct": bool(ok)})
+    return out
+
+
+def accuracy_by_task(records: list[dict]) -> dict:
+    """{"per_task": {task: {"accuracy": %, "n": int}}, "mean": % over tasks}."""
+    per_task: dict[str, list[bool]] = {}
+    for r in records:
+        per_task.setdefault(r["task"], []).append(r["correct"])
+    table = {t: {"accuracy": 100.0 * sum(v) / len(v), "n": len(v)} for t, v in sorted(per_task.items())}
+    mean = sum(t["accuracy"] for t in table.values()) / len(table) if table else 0.0
+    return {"per_task": table, "mean": mean}
+
+
+def parse_failures(records: list[dict]) -> dict:
+    """Predictions that named no valid option / no number, overall and per task."""
+    per_task: dict[str, int] = {}
+    for r in records:
+        per_task.setdefault(r["task"], 0)
+        if r["parsed"] is None:
+            per_task[r["task"]] += 1
+    return {"total": sum(per_task.values()), "per_task": per_task}

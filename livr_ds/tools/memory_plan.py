@@ -61,8 +61,8 @@ def build_meta(cfg):
     """(adapter, hf_model on the meta device) for cfg.model.path."""
     import torch
 
-    from .models import get_adapter
-    from .models.archs import ARCH_PREFIX, arch_config
+    from ..models import get_adapter
+    from ..models.archs import ARCH_PREFIX, arch_config
 
     adapter = get_adapter(cfg.model.family)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
@@ -218,7 +218,7 @@ def format_plan(p: dict) -> str:
 
 
 def _plan_cmd(args) -> int:
-    from .config import load_config
+    from ..config import load_config
 
     cfg = load_config(args.config, args.set or [])
     p = plan(cfg, args.gpus, args.nodes, args.gpu_mem_gib, answer_tokens=args.answer_tokens,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from .data.tasks import PAPER_TASKS, canonical_task
+from ..data.tasks import PAPER_TASKS, canonical_task
 
 # The paper's column order (Table 1, data/tasks.py); other tasks follow alphabetically.
 PAPER_ORDER = PAPER_TASKS
@@ -93,7 +93,7 @@ def _find(results: list[dict], name: str, label=row_label) -> dict:
 
 def task_table(results: list[dict], baseline: str | None = None, digits: int = 2, first: str = "Method") -> str:
     """Tasks as columns, one row per results file, Mean, and Δ (mean minus the baseline's mean).
-    `first` heads the row-name column (livr_ds/report.py's validation tables: "Checkpoint")."""
+    `first` heads the row-name column (livr_ds/report/tables.py's validation tables: "Checkpoint")."""
     labels = [row_label(r) for r in results]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:

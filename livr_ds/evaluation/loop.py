@@ -1,18 +1,8 @@
 """The evaluation loop: greedy answers on a split under one of four modes, exactly once across
-ranks. One loop for `launch/eval.py` / `livr-ds eval` (livr_ds/eval_cli.py: arguments, results
+ranks. One loop for `launch/eval.py` / `livr-ds eval` (livr_ds/evaluation/cli.py: arguments, results
 files, provenance) and for training's validation (`evaluate` + `gather_accuracy`).
 
-Modes (the paper's evaluation variants, Section 5):
-
-| mode                    | input                         | mask       |
-|-------------------------|-------------------------------|------------|
-| standard                | [prompt][K latents] -> answer | standard   |
-| no_latents              | [prompt] -> answer            | standard   |
-| bottleneck              | [prompt][K latents] -> answer | bottleneck |
-| bottleneck_no_latents   | [prompt] -> answer            | bottleneck |
-
-"bottleneck" is the Stage 1 mask at test time: prompt and answer tokens cannot see the image, so
-the answer can only use what the latents carry. Latents are input, never generated.
+Modes: livr_ds/evaluation/modes.py (the paper's test-time variants, each an input and a mask).
 
 Exactly once: the loader gives every rank the same number of batches, padding the last global
 batch with repeated samples marked `is_pad`; those are dropped before generation. The global
@@ -33,45 +23,20 @@ import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
 from . import generate
-from .modeling import merged_latent_rows
-from .data.collate import LivrCollator
-from .data.reader import LivrLoader, ShardSource
+from .scoring import accuracy_by_task, score
+from .modes import EvalMode, get_mode
+from ..modeling import merged_latent_rows
+from ..data.collate import LivrCollator
+from ..data.reader import LivrLoader, ShardSource
 
 log = logging.getLogger(__name__)
 
 # The per-sample token limit when nothing says otherwise (zero-shot): what training configs accept.
 DEFAULT_MAX_TOKENS = 8192
-
-
-@dataclass(frozen=True)
-class EvalMode:
-    name: str
-    policy: str  # the mask policy at test time
-    keep_latents: bool  # False: the K latent tokens are removed from the input
-    about: str = ""  # what the mode measures (exports' model cards list them)
-
-
-MODES = {m.name: m for m in (
-    EvalMode("standard", "standard", True,
-             "the model as trained and served: causal attention, the K latents after the prompt"),
-    EvalMode("no_latents", "standard", False,
-             "causal attention, the latents removed: what the latents add (the paper's 'latents dropped')"),
-    EvalMode("bottleneck", "bottleneck", True,
-             "Stage 1's mask at test time: the answer sees the image only through the latents"),
-    EvalMode("bottleneck_no_latents", "bottleneck", False,
-             "the bottleneck mask without latents: the answer cannot see the image at all (a floor)"),
-)}
-
-
-def get_mode(name: str) -> EvalMode:
-    if name not in MODES:
-        raise ValueError(f"unknown eval mode {name!r}; choose one of {', '.join(MODES)}")
-    return MODES[name]
 
 
 def make_collator(backbone, mode: EvalMode, *, with_answer: bool, max_tokens: int | None = None) -> LivrCollator:
@@ -119,7 +84,7 @@ def load_model(ckpt: str | None = None, *, which: str = "final", base_model: str
                family: str | None = None, attn_backend: str = "sdpa", device="cpu",
                dtype: torch.dtype = torch.float32):
     """A trained export (ckpt) or, with only base_model + family, a base model for zero-shot."""
-    from .export import load_base, load_export
+    from ..export import load_base, load_export
 
     if ckpt:
         return load_export(ckpt, which=which, device=device, dtype=dtype, attn_backend=attn_backend,
@@ -231,16 +196,17 @@ def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, 
     Training's validation (every rank, the model inside the DeepSpeed engine; under ZeRO-3 the
     model's `lockstep` makes every rank run the same forwards, each of which gathers parameters):
 
-        records, _ = evaluate.evaluate(trainer.backbone, cfg.data.val, "standard",
-                                       split=cfg.data.val_split, batch_size=max(cfg.optim.micro_batch_size, 4),
-                                       max_samples=cfg.data.val_max_samples, max_tokens=cfg.data.max_tokens,
-                                       num_workers=cfg.data.num_workers, seed=cfg.seed,
-                                       on_error=cfg.data.on_error)
-        acc = evaluate.gather_accuracy(records)   # collective: dist.gather_objects on every rank
-        acc["mean"], acc["per_task"]               # generate.accuracy_by_task over all ranks' records
+        records, _ = evaluate(trainer.backbone, cfg.data.val, "standard",
+                              split=cfg.data.val_split, batch_size=max(cfg.optim.micro_batch_size, 4),
+                              max_samples=cfg.data.val_max_samples, max_tokens=cfg.data.max_tokens,
+                              num_workers=cfg.data.num_workers, seed=cfg.seed, on_error=cfg.data.on_error)
+        acc = gather_accuracy(records)            # collective: dist.gather_objects on every rank
+        acc["mean"], acc["per_task"]               # scoring.accuracy_by_task over all ranks' records
     """
     from . import probes
-    from .data.reader import dist_rank_world
+    if max_samples < 0:
+        raise ValueError(f"max_samples {max_samples}: must be >= 0 (0 = the whole split)")
+    from ..data.reader import dist_rank_world
 
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
@@ -278,7 +244,7 @@ def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, 
                 for i, pred in zip(rest, generate.greedy_answers(model, gen_collator, [samples[i] for i in rest],
                                                                  mode.policy, max_new_tokens, use_cache=use_cache)):
                     preds[i] = pred
-            recs = generate.score(samples, preds)
+            recs = score(samples, preds)
             for r, sc in zip(recs, option_ll):
                 if sc is not None:
                     r["option_loglik"] = sc
@@ -309,7 +275,7 @@ def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, 
 def gather_records(records: list[dict], extra=None) -> tuple[list[dict], list]:
     """Every rank's records in global order (and every rank's `extra`, in rank order). A collective
     when torch.distributed is initialised (call it on every rank); the identity otherwise."""
-    from .train import distributed as dist
+    from ..train import distributed as dist
 
     gathered = dist.gather_objects((records, extra))
     out = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])
@@ -319,15 +285,5 @@ def gather_records(records: list[dict], extra=None) -> tuple[list[dict], list]:
 
 
 def gather_accuracy(records: list[dict]) -> dict:
-    """generate.accuracy_by_task over all ranks' records ({"per_task", "mean"}); collective."""
-    return generate.accuracy_by_task(gather_records(records)[0])
-
-
-def parse_failures(records: list[dict]) -> dict:
-    """Predictions that named no valid option / no number, overall and per task."""
-    per_task: dict[str, int] = {}
-    for r in records:
-        per_task.setdefault(r["task"], 0)
-        if r["parsed"] is None:
-            per_task[r["task"]] += 1
-    return {"total": sum(per_task.values()), "per_task": per_task}
+    """scoring.accuracy_by_task over all ranks' records ({"per_task", "mean"}); collective."""
+    return accuracy_by_task(gather_records(records)[0])

@@ -33,9 +33,8 @@ import dataclasses
 
 import torch
 
-from . import segments
-from .answers import is_correct
-from .train import distributed as dist
+from .. import segments
+from ..train import distributed as dist
 
 
 def to_device(batch: dict, device) -> dict:
@@ -44,7 +43,7 @@ def to_device(batch: dict, device) -> dict:
 
 def unwrap(model):
     """The LivrModel itself, also when given the DeepSpeed engine around it (engine.module)."""
-    from .modeling import LivrModel
+    from ..modeling import LivrModel
 
     while not isinstance(model, LivrModel) and isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
@@ -86,7 +85,7 @@ def greedy_ids(model, collator, samples, policy: str, max_new_tokens: int = DEFA
     """The generated token ids per sample (<eos> excluded), cached or (use_cache=False) recomputed."""
     if not samples:
         return []
-    from .modeling import merged_latent_rows
+    from ..modeling import merged_latent_rows
 
     model = unwrap(model)
     if model.lockstep and not use_cache:
@@ -228,23 +227,3 @@ def _greedy_recompute(model, collator, samples, policy: str, max_new_tokens: int
         if all(done):
             break
     return generated
-
-
-def score(samples, predictions: list[str]) -> list[dict]:
-    """One record per sample: key, task, answer, prediction, parsed, correct."""
-    out = []
-    for s, pred in zip(samples, predictions):
-        ok, parsed = is_correct(pred, str(s.answer), list(s.choices))
-        out.append({"key": s.key, "task": s.task, "answer": str(s.answer), "prediction": pred,
-                    "parsed": parsed, "correct": bool(ok)})
-    return out
-
-
-def accuracy_by_task(records: list[dict]) -> dict:
-    """{"per_task": {task: {"accuracy": %, "n": int}}, "mean": % over tasks}."""
-    per_task: dict[str, list[bool]] = {}
-    for r in records:
-        per_task.setdefault(r["task"], []).append(r["correct"])
-    table = {t: {"accuracy": 100.0 * sum(v) / len(v), "n": len(v)} for t, v in sorted(per_task.items())}
-    mean = sum(t["accuracy"] for t in table.values()) / len(table) if table else 0.0
-    return {"per_task": table, "mean": mean}

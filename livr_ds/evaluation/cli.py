@@ -1,6 +1,6 @@
-"""The evaluation entry points: `launch/eval.py`, and the `livr-ds` subcommands `eval`, `table` and
-`experiment bottleneck-proof` (`add_eval_commands(subparsers)` registers them; livr_ds/cli.py
-calls it). The loop itself is livr_ds/evaluate.py, shared with training's validation.
+"""The evaluation entry points: `launch/eval.py`, and the `livr-ds` subcommands `eval` and `table`
+(`add_eval_commands(subparsers)` registers them; livr_ds/cli.py calls it). The loop itself is
+livr_ds/evaluation/loop.py, shared with training's validation and the experiments.
 
     python launch/eval.py --ckpt RUN/stage2 --data shards/ --mode standard --out results/livr.json
     torchrun --nproc_per_node 2 launch/eval.py ...          (same results, gathered on rank 0)
@@ -23,8 +23,10 @@ import time
 import torch
 
 from . import generate
-from .evaluate import (DEFAULT_MAX_TOKENS, MODES, SCORINGS, EvalMode, default_max_tokens, evaluate, gather_records,
-                       get_mode, load_model, parse_failures, resolve_device, resolve_dtype)
+from .loop import (DEFAULT_MAX_TOKENS, SCORINGS, default_max_tokens, evaluate, gather_records, load_model,
+                   resolve_device, resolve_dtype)
+from .modes import MODES, EvalMode, get_mode
+from .scoring import accuracy_by_task, parse_failures
 from .provenance import checkpoint_provenance, data_provenance, git_state, pixel_budget
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def summarize(records: list[dict], mode: EvalMode, *, name: str | None = None, provenance: dict | None = None,
               probe: dict | None = None, scoring: str = "generate") -> dict:
-    acc = generate.accuracy_by_task(records)
+    acc = accuracy_by_task(records)
     out = {"name": name, "mode": mode.name, "policy": mode.policy, "latents_kept": mode.keep_latents,
            "scoring": scoring,
            "per_task": acc["per_task"], "mean": acc["mean"], "n": len(records),
@@ -102,10 +104,16 @@ def _distributed_env() -> bool:
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as the arguments say; rank 0 writes the files. Returns the results on every rank."""
     from . import probes
-    from .train import distributed as dist
+    from ..train import distributed as dist
 
     if args.mode not in MODES:
         raise ValueError(f"unknown eval mode {args.mode!r}; choose one of {', '.join(MODES)}")
+    for name in ("max_samples", "batch_size", "max_new_tokens", "max_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name in ("max_samples", "max_tokens") else 1):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {value}: must be >= {0 if name in ('max_samples', 'max_tokens') else 1}"
+                             + (" (0 = all samples)" if name == "max_samples" else ""))
     if args.ckpt is None and not (args.base_model and args.family):
         raise ValueError("give --ckpt (an export or a stage run dir), or --base-model and --family for zero-shot")
     started = time.time()
@@ -199,12 +207,6 @@ def _table(args) -> int:
     return table_cmd(args)
 
 
-def _bottleneck_proof(args) -> int:
-    from .experiments.bottleneck_proof import run_cmd
-
-    return run_cmd(args)
-
-
 def add_eval_commands(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate an export (or a base model, zero-shot) on a test split",
                               description="Same as python launch/eval.py (single process; use launch/eval.py "
@@ -220,13 +222,3 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--out", help="also write the table to this file")
     p.set_defaults(func=_table)
-
-    from .experiments import bottleneck_proof  # argparse set-up only: the heavy imports are deferred
-
-    p = subparsers.add_parser("experiment", help="run a built-in experiment end to end")
-    exp = p.add_subparsers(dest="experiment", required=True)
-    b = exp.add_parser("bottleneck-proof", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="tiny VLM from scratch: LIVR vs latents-only vs Direct SFT under the test-time bottleneck",
-                       description=bottleneck_proof.__doc__)
-    bottleneck_proof.add_arguments(b)
-    b.set_defaults(func=_bottleneck_proof)

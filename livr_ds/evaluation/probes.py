@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from . import segments
+from .. import segments
 
 
 def attention_weights(model, batch: dict, policy: str) -> list[torch.Tensor]:

@@ -1,14 +1,13 @@
 """The report's plots: matplotlib's Agg canvas (no display, no pyplot state), one PNG per view.
 
-Runs are livr_ds.report.Run objects (stages, metrics rows, validation rows, checkpoint marks)."""
+Runs are livr_ds.report.run.Run objects (stages, metrics rows, validation rows, checkpoint marks)."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .report import Run
+from ..evaluation.table import _task_order
+from .run import Run, checkpoint_rows
 
 
 def _figure(nrows: int, ncols: int = 1, size=(9.0, 3.0), sharex=True):
@@ -96,14 +95,12 @@ def plot_throughput(runs: list[Run], path: str) -> None:
 
 
 def _tasks(runs: list[Run]) -> list[str]:
-    from .table import _task_order
 
     return _task_order({k[4:] for run in runs for s in run.stages for r in s.val
                         for k in r if k.startswith("val_") and k != "val_accuracy"})
 
 
 def plot_validation(runs: list[Run], path: str) -> None:
-    from .report import checkpoint_rows  # the best/final marks; report imports this module
 
     from matplotlib.lines import Line2D
 

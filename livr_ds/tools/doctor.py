@@ -28,7 +28,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ..config import PROJECT_ROOT
+
 TESTED = ("torch", "deepspeed", "transformers", "tokenizers", "peft", "accelerate", "webdataset")
 GiB = 1 << 30
 FLEX_TIMEOUT_S = 300
@@ -71,7 +72,7 @@ def tested_pins() -> dict[str, str]:
         reqs = metadata.requires("livr-ds") or []
     except metadata.PackageNotFoundError:
         reqs = []
-        setup = os.path.join(ROOT, "setup.py")
+        setup = os.path.join(PROJECT_ROOT, "setup.py")
         if os.path.exists(setup):
             with open(setup) as f:
                 reqs = re.findall(r'"([A-Za-z0-9_.-]+\s*[<>=!~][^"]*)"', f.read())
@@ -284,8 +285,8 @@ class Doctor:
             self.add("FAIL", "DeepSpeed", f"{v} does not import: {str(e).splitlines()[0][:160]}",
                      "reinstall deepspeed against this torch (pip install --force-reinstall deepspeed==<pin>)")
             return
-        ds = self.ds_path or (os.path.join(ROOT, self.cfg.deepspeed) if self.cfg is not None
-                              else os.path.join(ROOT, "ds_configs", "zero2.json"))
+        ds = self.ds_path or (os.path.join(PROJECT_ROOT, self.cfg.deepspeed) if self.cfg is not None
+                              else os.path.join(PROJECT_ROOT, "ds_configs", "zero2.json"))
         opt = {}
         if os.path.exists(ds):
             with open(ds) as f:
@@ -377,7 +378,7 @@ class Doctor:
         cfg = self.cfg
         if cfg is None:
             return
-        from .models.archs import ARCH_PREFIX, arch_spec
+        from ..models.archs import ARCH_PREFIX, arch_spec
 
         path = cfg.model.path
         if not path:
@@ -454,8 +455,8 @@ class Doctor:
             self.add("note", "data", "shards not scanned (--quick): the trainer resolves them first and stops with "
                      "exit 2 on a missing one")
             return
-        from .data.schema import DataError
-        from .data.sources import ShardSource
+        from ..data.schema import DataError
+        from ..data.sources import ShardSource
 
         for key, sources, split in (("data.train", cfg.data.train, cfg.data.train_split),
                                     ("data.val", cfg.data.val, cfg.data.val_split)):
@@ -496,7 +497,7 @@ def doctor_cmd(args) -> int:
     head = "livr-ds doctor" + (f": {args.config}" if args.config else ": this machine (give --config to check a run)")
     print(head, flush=True)
     if args.config or args.overrides:
-        from .config import ConfigError, load_config
+        from ..config import ConfigError, load_config
 
         try:
             cfg = load_config(args.config, args.overrides)

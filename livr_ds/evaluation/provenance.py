@@ -72,7 +72,7 @@ def git_state() -> dict:
 
 
 def checkpoint_provenance(backbone, ckpt: str | None, which: str, base_model: str | None) -> dict:
-    from .export import read_livr_metadata
+    from ..export import read_livr_metadata
 
     if not ckpt:
         return {"ckpt": None, "zero_shot": True, "base_model": os.path.abspath(base_model or backbone.path)}
