@@ -92,3 +92,63 @@ def reference_chain(slurm, train_setup):
                     else 0 for s in ("stage1", "stage2")}
     res["dir"] = tmp / "ref"
     return res
+
+
+REFUSED_KEY = "thin"
+
+
+def write_shards_with_a_refused_image(out, n: int = 7) -> str:
+    """n counting samples in train and test splits, one of them (key REFUSED_KEY) with a 4000 x 10
+    image, which the Qwen-VL processors refuse (aspect ratio above 200): shards written elsewhere,
+    without the shape check livr-ds's writer makes (lifted here to write them)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from livr_ds.data import writer
+
+    def png(size, seed):
+        arr = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+
+    check, writer.MAX_ASPECT_RATIO = writer.MAX_ASPECT_RATIO, 10**9
+    try:
+        for split in ("train", "test"):
+            samples = [{"key": REFUSED_KEY if i == 2 else f"{split}-{i}", "task": "counting",
+                        "question": "How many circles are there?", "choices": ["1", "2", "3", "4"],
+                        "answer": "ABCD"[i % 4], "images": [png((4000, 10) if i == 2 else (56, 56), i)]}
+                       for i in range(n)]
+            writer.write_shards(samples, str(out), split, shard_size=4, progress=False)
+    finally:
+        writer.MAX_ASPECT_RATIO = check
+    return str(out)
+
+
+def damage_first_image(shard) -> str:
+    """Overwrite the start of the shard's first image in place (same size) and record the shard's
+    new sha256 in its manifest: a shard written with one undecodable image. (Without the manifest
+    update it is a shard changed after writing, which the index refuses as a whole.) -> the key."""
+    import tarfile
+
+    from livr_ds.data.manifest import read_manifest, sha256_file, write_manifest
+
+    shard = str(shard)
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith((".png", ".jpg", ".jpeg")))
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\0" * 64)  # no image format left to recognise
+    digest, folder = sha256_file(shard), os.path.dirname(shard)
+    for _ in range(3):  # the shard's own folder's manifest and those above that list it (demo data)
+        if os.path.isfile(os.path.join(folder, "manifest.json")):
+            manifest, name = read_manifest(folder), os.path.relpath(shard, folder)
+            for split in manifest["splits"].values():
+                for entry in split.get("shards", []):
+                    if entry["name"] == name:
+                        entry["sha256"] = digest
+            write_manifest(folder, manifest)
+        folder = os.path.dirname(folder)
+    return member.name.split(".")[0]

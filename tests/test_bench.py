@@ -6,6 +6,7 @@ livr-ds's bf16 policy promises: under ZeRO-2, DeepSpeed accumulating in fp32 han
 the exact sum of the micro-batch gradients, and accumulating in bf16 does not."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,9 +19,15 @@ pytestmark = pytest.mark.timeout(900)
 
 def test_bench_runs_writes_json_and_prints_tables(tmp_path):
     out = tmp_path / "bench.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     r = subprocess.run([sys.executable, "-m", "livr_ds.cli", "bench", "--only", "mask", "stage", "--repeats", "1",
-                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stderr[-3000:]
+    # Its tiny model, demo data and shards are gone with it (torch's own compile cache may stay).
+    assert [f for f in os.listdir(scratch) if f.startswith("livr-bench")] == []
+    assert "destroy_process_group() was not called" not in r.stderr
     result = json.loads(out.read_text())
     assert [row["L"] for row in result["mask"]] == [1024, 4096, 16384]
     assert all(row["dense_bytes"] == row["L"] ** 2 for row in result["mask"])  # one byte per bool

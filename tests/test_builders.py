@@ -519,3 +519,35 @@ def test_multitask_config_reads_the_six_built_tasks(src, tmp_path, monkeypatch):
     seen = [(s.task, s.key) for batch in loader for s in batch if not (s.meta or {}).get("_pad")]
     assert len(seen) == len(set(seen)) == 6 * n
     assert Counter(t for t, _ in seen) == {t: n for t in kw}
+
+
+def test_no_external_program_runs_on_a_source_file_in_disguise(tmp_path):
+    """An EPS file named .jpg in a source folder: bare PIL hands it to Ghostscript; livr-ds's
+    builders open images with named formats only, so the fake `gs` on PATH never runs."""
+    import subprocess
+    import sys
+
+    root = make_artbench(str(tmp_path / "src"))
+    eps = os.path.join(root, "train", "baroque", "baroque_0000.jpg")
+    with open(eps, "wb") as f:
+        f.write(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n%%EOF\n")
+    bin_dir, marker = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    probe = "from PIL import Image\ntry:\n Image.open(%r).load()\nexcept Exception: pass" % eps
+    subprocess.run([sys.executable, "-c", probe], env=env, check=True)
+    assert marker.exists(), "the fixture must really reach Ghostscript through bare PIL"
+    marker.unlink()
+    out = str(tmp_path / "out")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "livr-ds"), "data", "build", "art_style", "--source", root,
+           "--out", out, "--n-train", "12", "--n-val", "4"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not marker.exists()
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    corrupt = m["build"]["splits"]["train"]["corrupt"]
+    # The unit holding the disguised file is refused each time a triplet draws it: counted per draw.
+    assert m["build"]["splits"]["train"]["skipped_corrupt"] >= 1
+    assert corrupt and all("baroque_0000.jpg" in c for c in corrupt), corrupt

@@ -2,7 +2,8 @@
 launch it and takes an optimizer step: its own dtype, DeepSpeed config (its `deepspeed` key, no
 --ds), recipe (LoRA, K, masks, LR, warmup, global batch, gradient checkpointing), with only the
 model path swapped for a tiny model of its family (the tied one where the released small
-checkpoint ties its head), the data for an 8-sample demo set and its stage's epochs for 1."""
+checkpoint ties its head), the data for an 8-sample demo set and its stage's epochs for 1; at 1
+and at 2 ranks."""
 
 import glob
 import json
@@ -26,9 +27,12 @@ def eight_samples(tmp_path_factory):
     return write_demo_shards(tmp_path_factory.mktemp("eight"), n_train=4, n_val=1)
 
 
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory, eight_samples, tiny_dirs, tiny_tied_dirs):
-    tmp = tmp_path_factory.mktemp("configs")
+@pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
+def launched(request, tmp_path_factory, eight_samples, tiny_dirs, tiny_tied_dirs):
+    """Every config at 1 and at 2 ranks (micro batch x accumulation change with the world size;
+    the global batch of 8 does not)."""
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"configs-{world}")
     plan, runs = [], {}
     for name in CONFIGS:
         cfg = load_config(os.path.join(ROOT, name))
@@ -38,6 +42,12 @@ def launched(tmp_path_factory, eight_samples, tiny_dirs, tiny_tied_dirs):
         sets = [f"model.path={model}", f"data.train=[{eight_samples}]", "data.val=[]", f"output.dir={out}",
                 f"schedule.stage{stage}_epochs=1", "data.num_workers=1", "logging.wandb=disabled",
                 "logging.every_steps=1", "logging.progress_bar=false"]
+        if cfg.optim.micro_batch_size * world > cfg.optim.global_batch_size:
+            # A single-process config (the bottleneck proof: micro = global = 32) run at 2 ranks
+            # needs what a user would set: a micro batch that divides the global batch.
+            micro = [f"optim.micro_batch_size={cfg.optim.global_batch_size // world}"]
+            sets += micro
+            cfg = load_config(os.path.join(ROOT, name), micro)
         argv = ["--config", os.path.join(ROOT, name), "--stage", str(stage)]
         for s in sets:
             argv += ["--set", s]
@@ -45,9 +55,9 @@ def launched(tmp_path_factory, eight_samples, tiny_dirs, tiny_tied_dirs):
         runs[name] = (cfg, out / f"stage{stage}")
     (tmp / "plan.json").write_text(json.dumps(plan))
     r = launch([os.path.join(ROOT, "tests", "configs_probe.py"), "--report", str(tmp / "codes.json"),
-                "--plan", str(tmp / "plan.json")], 1, timeout=1400)
+                "--plan", str(tmp / "plan.json")], world, timeout=1400)
     assert r.returncode == 0, r.stderr[-6000:]
-    return json.loads((tmp / "codes.json").read_text()), runs, r
+    return json.loads((tmp / "codes.json").read_text()), runs, r, world
 
 
 def test_the_matrix_covers_every_shipped_config():
@@ -56,7 +66,7 @@ def test_the_matrix_covers_every_shipped_config():
 
 
 def test_every_config_takes_an_optimizer_step_with_its_own_recipe(launched):
-    codes, runs, r = launched
+    codes, runs, r, world = launched
     assert set(codes) == set(CONFIGS)
     for name, (cfg, stage) in runs.items():
         assert codes[name] == 0, (name, r.stderr[-4000:])
@@ -65,6 +75,8 @@ def test_every_config_takes_an_optimizer_step_with_its_own_recipe(launched):
         ds_json = json.loads((stage / "ds_config.json").read_text())
         assert ds_json["bf16"]["enabled"] is (cfg.model.dtype == "bfloat16"), name
         assert ds_json["train_batch_size"] == cfg.optim.global_batch_size, name
+        assert ds_json["train_micro_batch_size_per_gpu"] * ds_json["gradient_accumulation_steps"] * world == \
+            cfg.optim.global_batch_size, name
         saved = load_config(str(stage / "config.yaml"))
         for key in ("lora", "latents", "mask", "optim"):
             assert getattr(saved, key) == getattr(cfg, key), (name, key)
@@ -74,7 +86,7 @@ def test_every_config_takes_an_optimizer_step_with_its_own_recipe(launched):
 
 def test_large_configs_name_zero3_and_get_it_without_ds(launched):
     """The 32B/72B configs cannot start on ZeRO-2 by accident: their `deepspeed` key names ZeRO-3."""
-    codes, runs, _ = launched
+    codes, runs, _, _ = launched
     for name, (cfg, stage) in runs.items():
         stage3 = json.loads((stage / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
         big = any(s in name for s in ("32b", "72b"))

@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import tarfile
+import time
 from collections import Counter
 
 import numpy as np
@@ -22,7 +23,9 @@ from livr_ds.data.cli import add_shards_commands
 from livr_ds.data.demo import TASKS, make_demo
 from livr_ds.data.reader import LivrLoader, ShardSource
 from livr_ds.data.schema import DataError, validate_record
-from livr_ds.data.writer import convert_jsonl, convert_parquet, read_manifest, verify_shards, write_shards
+from livr_ds.data.convert import convert_jsonl, convert_parquet, verify_shards
+from livr_ds.data.manifest import read_manifest
+from livr_ds.data.writer import write_shards
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -574,7 +577,10 @@ def test_demo_deterministic_valid_balanced(tmp_path):
                    for f in fs)
     assert len([f for f in files if f.endswith(".tar")]) == 8 and "manifest.json" in files
     for f in files:
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+        a, b = (tmp_path / "a" / f).read_bytes(), (tmp_path / "b" / f).read_bytes()
+        if f.endswith(".idx.json"):  # an index records its shard file's mtime (index.py): all else equal
+            a, b = ({**json.loads(x), "mtime_ns": None} for x in (a, b))
+        assert a == b, f
     other_seed = (tmp_path / "c/counting/train-00000.tar").read_bytes()
     assert (tmp_path / "a/counting/train-00000.tar").read_bytes() != other_seed
 
@@ -787,3 +793,95 @@ def test_blink_revision_from_hub_cache_and_local_dir(tmp_path):
     (meta / "val-00000-of-00001.parquet.metadata").write_text(f"{'e' * 40}\netag\n1700000000.0\n")
     files, folders = resolve_parquet([str(local)])
     assert parquet_provenance(files, folders, split="val")["revision"] == "e" * 40
+
+
+# ---- bad input at the edges (#24): headers that lie, replaced shards, failed re-runs ---------------
+def _huge_member_tar(path: str) -> None:
+    """b0 good, then b1 whose image header claims ~1e15 bytes (the size field rewritten in place)."""
+    _raw_tar(path, [_good_raw("b0"), _good_raw("b1", seed=1)])
+    data = bytearray(open(path, "rb").read())
+    with tarfile.open(path) as tf:
+        ti = [t for t in tf.getmembers() if t.name == "b1.0.png"][0]
+    size_field = ti.offset + 124  # ustar: size is 12 octal digits at byte 124 of the header
+    data[size_field:size_field + 12] = b"%011o\0" % 10**15
+    data[ti.offset + 148:ti.offset + 156] = b" " * 8  # recompute the header checksum
+    data[ti.offset + 148:ti.offset + 156] = b"%06o\0 " % sum(data[ti.offset:ti.offset + 512])
+    open(path, "wb").write(bytes(data))
+
+
+def test_header_claiming_1e15_bytes_is_a_named_error_skip_and_verify_problem(tmp_path, capsys):
+    d = tmp_path / "huge"
+    d.mkdir()
+    _raw_tar(str(d / "train-00000.tar"), [_good_raw(f"g{j}", seed=10 + j) for j in range(3)])
+    _huge_member_tar(str(d / "train-00001.tar"))
+    _manifest_for(str(d), [("train-00000.tar", 3), ("train-00001.tar", 2)])
+    with pytest.raises(DataError, match="corrupt or truncated tar|last member cut short") as e:
+        _run(LivrLoader(str(d), batch_size=5, shuffle=False))  # not a MemoryError: no 1e15-byte read
+    assert f"{d}/train-00001.tar:" in str(e.value)
+    loader = LivrLoader(str(d), batch_size=5, shuffle=False, on_error="skip")
+    (batch,) = _run(loader)
+    assert [s.key for s in batch if not s.is_pad] == ["g0", "g1", "g2", "b0"]
+    assert loader.stats["bad"] == 1 and loader.stats["bad_keys"] in (["b1"], ["#1"])
+    with pytest.raises(SystemExit):
+        _cli(["shards", "verify", str(d)])
+    err = capsys.readouterr().err
+    assert f"{d}/train-00001.tar: damaged tar" in err and "Traceback" not in err
+
+
+def test_same_size_replaced_shard_is_refused_not_read_with_the_stale_index(tmp_path):
+    d = _dataset(tmp_path, 6, 2, size=(24, 24))
+    before = {s.key: np.asarray(s.images[0]) for b in _run(LivrLoader(d, batch_size=3, shuffle=False)) for s in b}
+    shard = os.path.join(d, "train-00001.tar")
+    data = bytearray(open(shard, "rb").read())
+    with tarfile.open(shard) as tf:  # other pixels, same keys, same size: flip bytes inside one PNG's data
+        ti = [t for t in tf.getmembers() if t.name.endswith(".0.png")][0]
+    os.chmod(shard, 0o644)
+    data[ti.offset_data + ti.size // 2] ^= 0xFF
+    time.sleep(0.01)
+    open(shard, "wb").write(bytes(data))
+    assert os.path.getsize(shard) == len(data)
+    index_mod._MEMO.clear()
+    with pytest.raises(DataError, match="bytes differ from its manifest") as e:
+        _run(LivrLoader(d, batch_size=3, shuffle=False))
+    assert f"{shard}:<start>" in str(e.value)
+    loader = LivrLoader(d, batch_size=3, shuffle=False, on_error="skip")
+    got = [s for b in _run(loader) for s in b if not s.is_pad]
+    assert sorted(s.key for s in got) == sorted(k for k in before if k < "s0003") and loader.stats["bad"] == 3
+    # restoring the original bytes (a new mtime again) is accepted after one check
+    data[ti.offset_data + ti.size // 2] ^= 0xFF
+    open(shard, "wb").write(bytes(data))
+    index_mod._MEMO.clear()
+    after = {s.key: np.asarray(s.images[0]) for b in _run(LivrLoader(d, batch_size=3, shuffle=False)) for s in b}
+    assert after.keys() == before.keys() and all((after[k] == before[k]).all() for k in before)
+
+
+def test_failed_rerun_of_a_conversion_keeps_the_previous_shards(tmp_path):
+    for i in range(4):
+        _img(i).save(tmp_path / f"{i}.png")
+    rows = [{"task": "t", "question": "q", "choices": ["a", "b"], "answer": "A", "images": [f"{i}.png"]}
+            for i in range(4)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "o")
+    convert_jsonl(str(tmp_path / "m.jsonl"), None, out, shard_size=2, progress=False)
+    snapshot = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
+    (tmp_path / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # the re-run fails at the last sample
+    with pytest.raises(DataError, match="3.png|cannot decode image"):
+        convert_jsonl(str(tmp_path / "m.jsonl"), None, out, shard_size=1, progress=False)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))} == snapshot
+    assert verify_shards(out) == []
+
+
+def test_images_processors_refuse_are_refused_when_writing(tmp_path):
+    with pytest.raises(DataError, match=r"4000 x 10, aspect ratio 400.*refuse ratios above 200") as e:
+        write_shards([{**_sample(0), "key": "thin", "images": [_enc(Image.new("RGB", (4000, 10)))]}],
+                     str(tmp_path / "o"), progress=False)
+    assert "thin" in str(e.value)
+    assert not [f for f in os.listdir(tmp_path / "o") if f.endswith(".tar")]  # nothing half-written
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
+    from livr_ds.data.images import open_image
+
+    monkeypatch.setenv("LIVR_DS_MAX_IMAGE_PIXELS", str(12 * 10 - 1))
+    with pytest.raises(DataError, match="12 x 10 = 120 pixels, above the limit of 119"):
+        open_image(_enc(_img(0)), "x.png")

@@ -321,6 +321,29 @@ def test_evaluate_takes_an_engine_and_shard_sources(lora_export, demo):
     assert loop.gather_accuracy(got) == scoring.accuracy_by_task(expected)
 
 
+def test_a_sample_the_processor_refuses_is_a_named_error_or_skipped(lora_export, tmp_path):
+    """Generation and likelihood scoring collate outside the loader: a sample the processor refuses
+    (a 4000 x 10 image) is a DataError naming shard:key, or with on_error: skip left out of the
+    records while every other sample is evaluated as without it."""
+    from livr_ds.data.schema import DataError
+    from tests.conftest import REFUSED_KEY, write_shards_with_a_refused_image
+
+    data = write_shards_with_a_refused_image(tmp_path / "data")
+    backbone = loop.load_model(lora_export)
+    kw = dict(batch_size=3, max_new_tokens=2)
+    for how in ("generate", "likelihood"):
+        with pytest.raises(DataError, match=rf"test-\d+\.tar:{REFUSED_KEY}: the processor refused the sample "
+                                            r"\(ValueError: [^)]*aspect ratio"):
+            loop.evaluate(backbone, [data], "standard", scoring=how, **kw)
+        got, _ = loop.evaluate(backbone, [data], "standard", scoring=how, on_error="skip", **kw)
+        assert [r["key"] for r in got] == [f"test-{i}" for i in range(7) if i != 2]
+        assert [r["index"] for r in got] == [0, 1, 3, 4, 5, 6]
+    # The others are evaluated exactly as in a batch without the refused one.
+    alone, _ = loop.evaluate(backbone, [data], "standard", on_error="skip", batch_size=1, max_new_tokens=2)
+    assert [r["prediction"] for r in alone] == [r["prediction"] for r in
+                                                loop.evaluate(backbone, [data], "standard", on_error="skip", **kw)[0]]
+
+
 def test_max_tokens_defaults_to_the_exports(lora_export, demo, tmp_path):
     """--max-tokens unset: the limit training saved in livr.json (demo.yaml: 512), enforced; an
     explicit flag wins; zero-shot falls back to 8192 (test_zero_shot_results_file_and_provenance)."""
@@ -614,7 +637,7 @@ def test_eval_on_blink_hub_shards_prints_table1_and_records_revision(tiny_dirs, 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from builder_fixtures import BLINK_HUB_COMMIT, make_blink_hub
 
-    from livr_ds.data.writer import convert_parquet
+    from livr_ds.data.convert import convert_parquet
 
     hub = make_blink_hub(str(tmp_path / "BLINK"), n_val=2, n_test=1)
     data = str(tmp_path / "blink_shards")

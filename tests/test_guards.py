@@ -6,11 +6,11 @@ import json
 import re
 import shutil
 import glob
-import tarfile
 
 import pytest
 import torch
 
+from tests.conftest import damage_first_image
 from tests.test_train import ckpt_tensors, demo_data, probe, tags, train  # noqa: F401 - demo_data is a fixture
 
 pytestmark = pytest.mark.timeout(900)
@@ -33,12 +33,7 @@ def test_a_step_without_answer_tokens_is_skipped_not_applied(tmp_path, demo_data
     padding. It must not run AdamW (moments, weight decay, the step count would move)."""
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
-    shard = sorted(glob.glob(str(data / "*" / "train-*.tar")))[0]
-    with tarfile.open(shard) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith((".png", ".jpg", ".jpeg")))
-    with open(shard, "r+b") as f:  # same size: the index stays valid, the image does not
-        f.seek(member.offset_data)
-        f.write(b"\0" * 64)
+    damage_first_image(sorted(glob.glob(str(data / "*" / "train-*.tar")))[0])
     out, r = train(tmp_path, "skip", str(data), tiny_dirs["qwen2_5_vl"], nproc=1,
                    sets=SETS + ["data.on_error=skip", "optim.micro_batch_size=1", "optim.global_batch_size=1",
                                 "lora.dropout=0.0"])

@@ -151,6 +151,28 @@ def test_doctor_passes_here_with_no_gpu_notes(demo, capsys):
     assert "no op build needed" in out and "no blocking problem" in out
 
 
+def test_doctor_leaves_the_shard_folders_it_checks_as_they_were(demo, tmp_path, capsys, monkeypatch):
+    """Shards without a manifest are counted by indexing them; doctor stores those indexes in the
+    cache dir, never beside the user's shards (the loader finds them there later)."""
+    import glob
+    import shutil
+
+    shards = tmp_path / "bare"
+    shards.mkdir()
+    for f in glob.glob(os.path.join(demo["data"], "*", "train-*.tar")):
+        shutil.copy(f, shards / f"{os.path.basename(os.path.dirname(f))}-{os.path.basename(f)}")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LIVR_DS_INDEX_CACHE", str(cache))
+    before = {f: os.stat(shards / f).st_mtime_ns for f in os.listdir(shards)}
+    args = ["doctor", "--config", os.path.join(ROOT, "configs", "demo.yaml")]
+    for s in demo["sets"] + [f"data.train=[{shards}/*.tar]"]:
+        args += ["--set", s]
+    assert cli.main(args) == 0
+    assert re.search(r"ok\s+data.train\s+.* 8 samples", capsys.readouterr().out)
+    assert {f: os.stat(shards / f).st_mtime_ns for f in os.listdir(shards)} == before  # nothing added or touched
+    assert len(glob.glob(str(cache / "*.idx.json"))) == len(before)
+
+
 def test_doctor_fails_on_a_missing_model_and_shard_directory(demo, tmp_path, capsys):
     missing_model, missing_data = tmp_path / "no-such-model", tmp_path / "no-such-shards"
     args = ["doctor", "--config", os.path.join(ROOT, "configs", "demo.yaml")]

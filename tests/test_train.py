@@ -645,18 +645,14 @@ def test_bad_samples_are_counted_over_all_ranks(tmp_path, demo_data, tiny_dirs):
     rank, not rank 0's alone."""
     import glob
     import shutil
-    import tarfile
+
+    from tests.conftest import damage_first_image
 
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
     damaged = []
     for shard in sorted(glob.glob(str(data / "*" / "train-*.tar")))[:2]:  # one sample of each task
-        with tarfile.open(shard) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith((".png", ".jpg", ".jpeg")))
-        with open(shard, "r+b") as f:  # same size, so the shard's index stays valid; the image does not
-            f.seek(member.offset_data)
-            f.write(b"\0" * 64)  # no image format left to recognise
-        damaged.append(member.name.split(".")[0])
+        damaged.append(damage_first_image(shard))
     sets = ["data.on_error=skip", "schedule.stage1_epochs=2", "data.val=[]", "output.save_every_steps=1"]
     out, r = train(tmp_path, "bad", str(data), tiny_dirs["qwen2_5_vl"], nproc=2, sets=sets)
 
@@ -678,3 +674,25 @@ def test_bad_samples_are_counted_over_all_ranks(tmp_path, demo_data, tiny_dirs):
     assert resumed["global_step"] == state["global_step"]
     assert resumed["loader_stats"] == {**state["loader_stats"], "bad_keys_rank0": resumed["loader_stats"]["bad_keys_rank0"]}
     assert resumed["bad_samples"] == state["bad_samples"]
+
+
+def test_a_sample_the_processor_refuses_stops_with_its_name_or_is_a_counted_skip(tmp_path, tiny_dirs):
+    """A 4000 x 10 image in shards written elsewhere: the processor refuses it in the collate step,
+    which ran outside the per-sample error handling (an uncaught ValueError stopped
+    launch/train.py). on_error: raise stops with exit 2 naming shard:key and the reason; skip
+    trains on with the sample replaced and counted, once per epoch."""
+    from tests.conftest import REFUSED_KEY, write_shards_with_a_refused_image
+
+    data = write_shards_with_a_refused_image(tmp_path / "data")
+    sets = ["data.val=[]", "schedule.stage1_epochs=2"]
+    out, r = train(tmp_path, "raise", data, tiny_dirs["qwen2_5_vl"], nproc=1, sets=sets, check=False)
+    assert r.returncode != 0 and re.search(r"exitcode\s*:\s*2", r.stderr), r.stderr[-3000:]  # via torchrun
+    assert "Traceback" not in r.stderr.split("failed (exitcode")[0]  # one line, not the worker's traceback
+    assert re.search(rf"train-\d+\.tar:{REFUSED_KEY}: the processor refused the sample \(ValueError: [^)]*aspect ratio",
+                     r.stderr), r.stderr[-3000:]
+    assert not (out / "stage1" / "DONE").exists()
+    out, r = train(tmp_path, "skip", data, tiny_dirs["qwen2_5_vl"], nproc=1, sets=[*sets, "data.on_error=skip"])
+    stage = out / "stage1"
+    state = json.loads((stage / "checkpoints" / tags(stage)[-1] / "trainer_state.json").read_text())
+    assert state["bad_samples"] == 2 and state["loader_stats"]["bad_keys_rank0"] == [REFUSED_KEY] * 2
+    assert [s for s, *_ in curve(stage)] == [1, 2, 3, 4]  # 7 samples at a global batch of 4: 2 steps an epoch

@@ -25,7 +25,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..data.schema import DataError, letter
-from ..data.writer import FORMAT, read_manifest, sha256_file, write_manifest, write_shards
+from ..data.images import open_image as _decode
+from ..data.manifest import FORMAT, read_manifest, sha256_file, write_manifest
+from ..data.writer import write_shards
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +88,16 @@ def open_image(path: str) -> Image.Image:
     if not os.path.isfile(path):
         raise CorruptImage(f"{path}: image file missing")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as exc:
-        raise CorruptImage(f"{path}: {type(exc).__name__}: {exc}") from None
+        return _decode(path, path)  # named formats only: an EPS named .jpg never reaches Ghostscript
+    except DataError as exc:
+        raise CorruptImage(str(exc)) from None
 
 
 def open_image_bytes(data: bytes, where: str) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as exc:
-        raise CorruptImage(f"{where}: {type(exc).__name__}: {exc}") from None
+        return _decode(data, where)
+    except DataError as exc:
+        raise CorruptImage(str(exc)) from None
 
 
 def fit(im: Image.Image, max_side: int = MAX_SIDE) -> tuple[Image.Image, float]:

@@ -33,7 +33,6 @@ test sample).
 from __future__ import annotations
 
 import glob
-import io
 import logging
 import os
 import tarfile
@@ -41,6 +40,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+from ..data.images import open_image
 from ..data.schema import DataError
 from ..data.tasks import BLINK_SUBTASKS, canonical_task
 
@@ -54,10 +54,8 @@ IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".t
 # ---- test sets ------------------------------------------------------------------------------
 def _decode(data: bytes, where: str) -> Image.Image | None:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
-    except Exception as exc:
+        return open_image(data, where)
+    except DataError as exc:
         log.warning("dedup: test image %s cannot be decoded (%s); ignored", where, exc)
         return None
 
@@ -65,7 +63,8 @@ def _decode(data: bytes, where: str) -> Image.Image | None:
 def load_test_groups(path: str, task: str | None = None) -> tuple[list[list[Image.Image]], list[str]]:
     """-> (images grouped per test sample, the files read)."""
     from ..data.blink import hub_root, resolve_parquet
-    from ..data.writer import iter_jsonl, iter_parquet, read_manifest
+    from ..data.inputs import iter_jsonl, iter_parquet
+    from ..data.manifest import read_manifest
 
     is_glob = not os.path.exists(path) and any(c in path for c in "*?[")
     if not os.path.exists(path) and not is_glob:

@@ -23,8 +23,8 @@ import os
 import re
 
 import numpy as np
-from PIL import Image
 
+from ..data.images import open_image as decode_source
 from ..data.schema import DataError, letter
 from .common import (CorruptImage, Pools, Unusable, build, draw_points, fit, need_dir, open_image, split_by_key,
                      split_fractions, with_choices)
@@ -65,13 +65,12 @@ def luminance(albedo: np.ndarray, linear: bool) -> np.ndarray:
 
 def load_albedo(path: str, linear: bool) -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im)
-    except Exception as exc:
-        raise CorruptImage(f"{path}: {type(exc).__name__}: {exc}") from None
-    if arr.dtype not in (np.uint8, np.uint16):
-        arr = np.asarray(Image.open(path).convert("RGB"))
+        im = decode_source(path, path, rgb=False)  # 16-bit albedo PNGs keep their depth
+        arr = np.asarray(im)
+        if arr.dtype not in (np.uint8, np.uint16):
+            arr = np.asarray(im.convert("RGB"))
+    except DataError as exc:
+        raise CorruptImage(str(exc)) from None
     return luminance(arr, linear)
 
 

@@ -13,8 +13,9 @@ import textwrap
 
 from PIL import Image, ImageDraw
 
-from ..data.schema import DataError, decode_image
-from ..data.writer import read_manifest
+from ..data.images import decode_image
+from ..data.manifest import read_manifest
+from ..data.schema import DataError
 from .common import font
 
 ROW_H, PAD, TEXT_W = 240, 8, 560

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 
+from .manifest import sha256_file
 from .schema import DataError
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,6 @@ def parquet_provenance(files: list[str], folders: list[str], *, split: str | Non
                        revision: str | None = None) -> dict:
     """The manifest's ``source`` (files with sha256, the folders and hub split read) and
     ``revision`` (``revision`` as given, else the one found in the hub copy, else null)."""
-    from .writer import sha256_file
-
     found, where = detect_revision(files, folders)
     if revision and found and found != revision:
         log.warning("--revision %s, but the hub copy says %s (%s); recording --revision", revision, found, where)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def _write(args: argparse.Namespace) -> int:
-    from .writer import convert_jsonl, convert_parquet
+    from .convert import convert_jsonl, convert_parquet
 
     opts = dict(split=args.split, shard_size=args.shard_size, val_fraction=args.val_fraction, seed=args.seed,
                 dedup_against=args.dedup_against, dedup_image_root=args.dedup_image_root,
@@ -52,7 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .writer import verify_shards
+    from .convert import verify_shards
 
     problems = verify_shards(args.dir)
     for p in problems:

@@ -19,6 +19,7 @@ import torch
 
 from .. import segments
 from ..models import BackboneAdapter
+from .schema import DataError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,17 @@ OPEN_INSTRUCTION = "Answer with a single number."
 
 class SampleTooLong(ValueError):
     pass
+
+
+class SampleRefused(DataError):
+    """The processor (or the prompt encoding) failed on one sample of a batch: `slot` is its place
+    in the list collated and `sample` the sample itself, so that the loader and the evaluation
+    loop can replace or drop it (on_error: skip) and collate again. In a DataLoader worker it
+    never leaves the worker as such (the loader re-raises a plain DataError)."""
+
+    def __init__(self, message: str, slot: int | None = None, sample=None):
+        super().__init__(message)
+        self.slot, self.sample = slot, sample
 
 
 def format_question(question: str, choices: list[str]) -> str:
@@ -116,7 +128,12 @@ class LivrCollator:
 
     def encode(self, sample) -> EncodedSample:
         question = format_question(sample.question, sample.choices)
-        prompt = self.adapter.encode_prompt(self.processor, question, sample.images)
+        try:
+            prompt = self.adapter.encode_prompt(self.processor, question, sample.images)
+        except Exception as exc:  # noqa: BLE001 - whatever the processor raises is about this sample
+            where = f"{sample.shard}:{sample.key}" if getattr(sample, "shard", "") else sample.key
+            raise SampleRefused(f"{where}: the processor refused the sample ({type(exc).__name__}: "
+                                f"{str(exc)[:300]})", sample=sample) from exc
         ids = prompt.input_ids + self.latent_ids
         seg = [segments.IMAGE if t == self.image_token_id else segments.PROMPT for t in prompt.input_ids]
         seg += [segments.LATENT] * len(self.latent_ids)
@@ -137,7 +154,7 @@ class LivrCollator:
 
     def __call__(self, samples) -> dict:
         encoded, skipped = [], 0
-        for s in samples:
+        for slot, s in enumerate(samples):
             try:
                 encoded.append(self.encode(s))
             except SampleTooLong:
@@ -145,6 +162,9 @@ class LivrCollator:
                     raise
                 skipped += 1
                 log.warning("skipping too-long sample %s", s.key)
+            except SampleRefused as exc:
+                exc.slot = slot
+                raise
         if skipped and not encoded:
             # Every sample was skipped: the step still runs forward and backward on every rank
             # (the same collectives everywhere), on a stand-in that carries no loss.

@@ -33,7 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from .schema import DataError, letter
-from .writer import FORMAT, write_manifest, write_shards
+from .manifest import FORMAT, write_manifest
+from .writer import write_shards
 
 log = logging.getLogger(__name__)
 

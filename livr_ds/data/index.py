@@ -5,7 +5,7 @@ One JSON file per shard, ``<shard>.idx.json`` next to it (written by the shard w
 shards built on first use by a pass that reads only the tar headers)::
 
     {"format": "livr-ds-index/1", "shard": "train-00000.tar", "bytes": 1126400,
-     "sha256": "<of the shard, writer-built>" | null, "mtime_ns": <of the shard, cache-built> | null,
+     "sha256": "<of the shard>" | null, "mtime_ns": <of the shard>,
      "samples": [["s0000", 0, 3197], ["s0001", 3584, 6911, 7680, 7812], ...]}
 
 A sample is its key, then [start, end) byte ranges ("runs"): each run is a maximal sequence of
@@ -16,11 +16,22 @@ members sharing a key), so sample i of the index is sample i of the manifest. Me
 sizes are not stored: the reader gets them from the headers it reads with the data, and checks
 that they fill the run exactly (a stale index is an error, not silent garbage).
 
-Validity: ``bytes`` must equal the shard's size; ``mtime_ns`` (cache-built indexes) its mtime;
-``sha256`` (writer-built) the manifest's sha256 when both are known. An invalid or missing index
-is rebuilt by the header pass and cached beside the shard when its folder is writable, else in
-``index_cache`` (``$LIVR_DS_INDEX_CACHE``, else ``$XDG_CACHE_HOME/livr-ds/index``, else
-``~/.cache/livr-ds/index``) under a name derived from (absolute path, size, mtime).
+Validity: ``bytes`` must equal the shard's size, ``mtime_ns`` its mtime, and ``sha256`` the
+manifest's sha256 when both are known. An invalid or missing index is rebuilt by the header pass
+and cached beside the shard when its folder is writable, else in ``index_cache``
+(``$LIVR_DS_INDEX_CACHE``, else ``$XDG_CACHE_HOME/livr-ds/index``, else ``~/.cache/livr-ds/index``)
+under a name derived from (absolute path, size, mtime).
+
+A replaced shard: size and names alone cannot tell another file of the same size and keys from
+the one the index describes, so the mtime is part of every index (indexes of livr-ds versions
+that did not record it are rebuilt once). When an index has to be rebuilt and the manifest gives
+the shard's sha256, the shard may be hashed once before it is indexed (a full read, logged): a shard
+whose bytes differ from its manifest is refused (a DataError for its samples), never read as if
+it were the data the manifest describes. The hash runs when the stored index has the shard's size
+but not its mtime (the case the header pass cannot tell from the original); a shard of another
+size is damaged, not replaced, and is read as far as it is complete. A copy that does not keep
+mtimes (``cp`` without ``-p``) costs that one hash per shard; the rebuilt indexes then record the
+new mtimes.
 
 Why a file per shard rather than manifest.json: for 2,000 shards x 100 samples the offsets are
 ~6 MB of JSON; in the manifest every tool that reads it (verify, counts, the fingerprint) would
@@ -44,6 +55,7 @@ import uuid
 import numpy as np
 import webdataset as wds
 
+from .manifest import sha256_file
 from .schema import DECLARED_MEMBER_RE, DataError
 
 log = logging.getLogger(__name__)
@@ -125,7 +137,7 @@ def scan_shard(url: str, sha256: str | None = None) -> tuple[ShardIndex, int]:
     try:
         try:
             tf = tarfile.open(fileobj=f, mode="r:")
-        except (tarfile.TarError, EOFError) as exc:
+        except (tarfile.TarError, EOFError, OSError) as exc:
             raise DataError(f"{url}:<start>: corrupt or truncated tar ({type(exc).__name__}: {exc})") from None
         try:
             for ti in tf:
@@ -201,7 +213,7 @@ def cache_path(url: str, st: os.stat_result, cache_dir: str | None) -> str:
 
 
 def _valid(idx: ShardIndex, st: os.stat_result, sha256: str) -> bool:
-    return (idx.bytes == st.st_size and (idx.mtime_ns is None or idx.mtime_ns == st.st_mtime_ns)
+    return (idx.bytes == st.st_size and idx.mtime_ns == st.st_mtime_ns
             and not (idx.sha256 and sha256 and idx.sha256 != sha256))
 
 
@@ -231,7 +243,8 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def write_index(url: str, idx: ShardIndex) -> None:
-    """Store ``idx`` as ``<url>.idx.json`` (the writer's index, or a rebuilt one)."""
+    """Store ``idx`` as ``<url>.idx.json`` (the writer's index, or a rebuilt one), with the shard's mtime."""
+    idx.mtime_ns = os.stat(url).st_mtime_ns
     _write_json(beside_path(url), idx.to_json(os.path.basename(url)))
 
 
@@ -251,14 +264,32 @@ def lookup(url: str, sha256: str = "", cache_dir: str | None = None) -> ShardInd
     return None
 
 
-def build(url: str, sha256: str = "", cache_dir: str | None = None) -> tuple[ShardIndex, int, str]:
-    """Header pass + store (beside the shard if writable, else the cache dir).
+def _same_size_index_exists(url: str, st: os.stat_result) -> bool:
+    try:
+        with open(beside_path(url)) as f:
+            return json.load(f).get("bytes") == st.st_size
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def build(url: str, sha256: str = "", cache_dir: str | None = None,
+          store_beside: bool = True) -> tuple[ShardIndex, int, str]:
+    """Header pass + store (beside the shard if writable and ``store_beside``, else the cache dir);
+    with the manifest's ``sha256`` the shard is first hashed and refused if it differs.
     -> (index, header bytes read, where it was stored or "")."""
     st = os.stat(url)
+    if sha256 and _same_size_index_exists(url, st):
+        log.info("%s: its index is for another file of the same size; checking the shard against the "
+                 "manifest's sha256 first", url)
+        actual = sha256_file(url)
+        if actual != sha256:
+            raise DataError(f"{url}:<start>: the shard's bytes differ from its manifest (sha256 {actual[:16]}..., "
+                            f"manifest {sha256[:16]}...): it was replaced or changed after it was written. Re-run "
+                            "the conversion, or restore the shard; `livr-ds shards verify DIR` lists every such shard")
     idx, nread = scan_shard(url)
     idx.mtime_ns, idx.sha256 = st.st_mtime_ns, (sha256 or None)
     where = ""
-    paths = [beside_path(url)] if _dir_writable(os.path.dirname(url)) else []
+    paths = [beside_path(url)] if store_beside and _dir_writable(os.path.dirname(url)) else []
     for path in paths + [cache_path(url, st, cache_dir)]:
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -277,9 +308,10 @@ def get_index(url: str, sha256: str = "", cache_dir: str | None = None) -> Shard
 
 
 def load_indexes(shards: list[tuple[str, str]], cache_dir: str | None = None, start: float = 0.0,
-                 what: str = "shards") -> list[ShardIndex | DataError]:
+                 what: str = "shards", store_beside: bool = True) -> list[ShardIndex | DataError]:
     """Indexes of (url, sha256) shards, building the missing ones with one header pass, logged
-    once. ``start`` in [0, 1) rotates the build order (rank / world), so ranks that start
+    once (``store_beside=False``: what is built goes to the cache dir only, for checks that must
+    not change the folders they check). ``start`` in [0, 1) rotates the build order (rank / world), so ranks that start
     together mostly find each other's results instead of repeating the work. A shard that cannot
     be indexed at all gives a DataError in its place (the reader reports its samples as bad)."""
     out: list = [None] * len(shards)
@@ -294,8 +326,8 @@ def load_indexes(shards: list[tuple[str, str]], cache_dir: str | None = None, st
     if not todo:
         return out
     log.info("indexing %d of %d %s: no usable index (reading the tar headers only, once; the index is stored "
-             "beside the shard when writable, else in %s)", len(todo), len(shards), what,
-             cache_dir or default_cache_dir())
+             "%s %s)", len(todo), len(shards), what,
+             "beside the shard when writable, else in" if store_beside else "in", cache_dir or default_cache_dir())
     t, nbuilt, nread = time.perf_counter(), 0, 0
     k = int(start * len(todo)) % len(todo)
     for i in todo[k:] + todo[:k]:
@@ -303,7 +335,7 @@ def load_indexes(shards: list[tuple[str, str]], cache_dir: str | None = None, st
         try:
             idx = lookup(url, sha, cache_dir)  # another rank may have built it meanwhile
             if idx is None:
-                idx, n, _ = build(url, sha, cache_dir)
+                idx, n, _ = build(url, sha, cache_dir, store_beside)
                 nbuilt, nread = nbuilt + 1, nread + n
             out[i] = idx
         except DataError as exc:

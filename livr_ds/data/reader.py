@@ -88,7 +88,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .index import INDEX_SUFFIX, CountingFile, ShardIndex, load_indexes, parse_run
 from .plan import EpochPlan, Layout
-from .schema import DECLARED_MEMBER_RE, IMAGE_MEMBER_RE, DataError, Sample, decode_image, validate_record
+from .images import decode_image
+from .collate import SampleRefused
+from .schema import DECLARED_MEMBER_RE, IMAGE_MEMBER_RE, DataError, Sample, validate_record
 from .workers import ignore_stop_signals, live_worker_iterators, shutdown_workers
 from .sources import MANIFEST, ShardInfo, ShardSource, count_samples  # noqa: F401  (public API)
 
@@ -301,6 +303,10 @@ class _IndexedReader:
         try:
             fd = self._fd(sid)
             for start, end in index.runs(i):
+                if end > index.bytes:  # a header claiming more than the file holds: refuse before allocating
+                    return _Bad(key, DataError(
+                        f"{url}:{key}: corrupt or truncated tar (the shard ends at byte {index.bytes}, inside "
+                        f"this sample's members at bytes [{start}, {end}))"))
                 buf = _pread(fd, end - start, start)
                 self.bytes_read += len(buf)
                 if len(buf) < end - start:
@@ -405,16 +411,43 @@ class _EpochDataset(IterableDataset):
                 donor = self._any_good_sample(plan, c["shards"], read_one)
             for j, key, _ in bad:
                 samples[j] = dataclasses.replace(donor, meta={**donor.meta, "_pad": True, "_replaces": key})
-            if good:
-                last_good = good[-1]
+            batch = self._collate(c, samples, bad, last_good, plan, read_one)
             bad_slots = {j for j, _, _ in bad}
+            kept = [s for j, s in enumerate(samples) if j not in bad_slots]
+            if kept:
+                last_good = kept[-1]
             info = {"epoch": self.epoch, "batch": b, "n_pad": sum(pad for _, _, pad in reqs),
                     "n_real": sum(1 for j, (_, _, pad) in enumerate(reqs) if not pad and j not in bad_slots),
                     # a padding slot that repeats a bad sample is replaced too, but not counted twice
                     "bad": [(key, msg) for j, key, msg in bad if not reqs[j][2]],
                     "bytes_read": bytes_read() - reported}
             reported += info["bytes_read"]
-            yield c["collate_fn"](samples), info
+            yield batch, info
+
+    def _collate(self, c, samples: list[Sample], bad: list, last_good: Sample | None, plan, read_one):
+        """collate_fn(samples); a sample the processor refuses (SampleRefused: an aspect ratio it
+        rejects, an image it cannot resize) is a bad sample like one that does not decode: raised
+        as a DataError naming shard:key, or (skip) counted in `bad` and replaced by a sample the
+        processor took (one before it in the batch, else the last batch's), and collated again."""
+        for _ in range(2 * len(samples) + 2):
+            try:
+                return c["collate_fn"](samples)
+            except SampleRefused as exc:
+                if c["on_error"] == "raise" or exc.slot is None:
+                    raise DataError(str(exc)) from None  # a plain DataError crosses the worker boundary
+                j = exc.slot
+                replaces = samples[j].meta.get("_replaces")
+                if replaces is None:  # a sample of its own, not a stand-in whose donor was refused
+                    log.warning("skipping bad sample (replaced by a pad copy): %s", exc)
+                    bad.append((j, samples[j].key, str(exc)))
+                    replaces = samples[j].key
+                # The samples before slot j were encoded by this very call: safe donors.
+                donor = samples[0] if j > 0 else last_good
+                if donor is None:
+                    donor = self._any_good_sample(plan, c["shards"], read_one)
+                samples[j] = dataclasses.replace(donor, meta={**donor.meta, "_pad": True, "_replaces": replaces})
+        raise DataError("on_error='skip': the processor refused every stand-in for the bad samples of a batch "
+                        f"({[key for _, key, _ in bad]})")
 
     @staticmethod
     def _any_good_sample(plan: EpochPlan, shards: list[ShardInfo], read_one) -> Sample:
@@ -431,6 +464,20 @@ class _EpochDataset(IterableDataset):
 
 
 # ---- the loader -----------------------------------------------------------------------------
+def _without_worker_traceback(batches):
+    """The batches; a DataError raised in a worker comes back as the worker's message alone.
+    DataLoader re-raises it with the worker's whole traceback as its text ("Caught DataError in
+    DataLoader worker process 0. Original Traceback ..."), which buries the shard:key line."""
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    try:
+        yield from batches
+    except DataError as exc:
+        text = str(exc)
+        if text.startswith("Caught ") and marker in text:
+            raise DataError(text.rsplit(marker, 1)[1].strip()) from None
+        raise
+
+
 def dist_rank_world() -> tuple[int, int]:
     """(rank, world_size) from torch.distributed when initialised, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -589,7 +636,7 @@ class LivrLoader:
             batches = iter(dl)
             live_worker_iterators.add(batches)
             try:
-                for batch, info in batches:
+                for batch, info in _without_worker_traceback(batches):
                     if (info["epoch"], info["batch"]) != (epoch, expected):
                         raise DataError(f"internal: got batch {info['batch']} of epoch {info['epoch']}, "
                                         f"expected {expected} of {epoch}")

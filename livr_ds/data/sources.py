@@ -18,11 +18,10 @@ import os
 import webdataset as wds
 
 from .index import get_index, load_indexes
+from .manifest import MANIFEST
 from .schema import DataError
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,23 +40,26 @@ class ShardSource:
     weight: float = 1.0
     split: str = "train"
 
-    def resolve(self, cache_dir: str | None = None) -> list[ShardInfo]:
+    def resolve(self, cache_dir: str | None = None, store_beside: bool = True) -> list[ShardInfo]:
+        """The shards and their sample counts (from the manifest, else from the shards' indexes,
+        built if missing: stored beside the shards unless ``store_beside`` is False)."""
         path = os.fspath(self.path)
         if not (isinstance(self.weight, (int, float)) and self.weight > 0 and math.isfinite(self.weight)):
             raise DataError(f"{path}: weight must be a positive number, got {self.weight!r}")
         if os.path.isdir(path) or os.path.basename(path) == MANIFEST:
             return _from_manifest_dir(path if os.path.isdir(path) else os.path.dirname(path) or ".", self.split,
-                                      cache_dir)
-        return _from_pattern(path, cache_dir)
+                                      cache_dir, store_beside)
+        return _from_pattern(path, cache_dir, store_beside)
 
 
-def _from_manifest_dir(d: str, split: str, cache_dir: str | None = None) -> list[ShardInfo]:
+def _from_manifest_dir(d: str, split: str, cache_dir: str | None = None,
+                       store_beside: bool = True) -> list[ShardInfo]:
     mpath = os.path.join(d, MANIFEST)
     if not os.path.isfile(mpath):
         pattern = os.path.join(d, f"{split}-*.tar")
         if not glob.glob(pattern):
             raise DataError(f"{d}: no {MANIFEST} and no shards matching {split}-*.tar")
-        return _from_pattern(pattern, cache_dir)
+        return _from_pattern(pattern, cache_dir, store_beside)
     with open(mpath) as f:
         try:
             m = json.load(f)
@@ -75,7 +77,7 @@ def _from_manifest_dir(d: str, split: str, cache_dir: str | None = None) -> list
     return shards
 
 
-def _from_pattern(pattern: str, cache_dir: str | None = None) -> list[ShardInfo]:
+def _from_pattern(pattern: str, cache_dir: str | None = None, store_beside: bool = True) -> list[ShardInfo]:
     urls = []
     for u in wds.shardlists.expand_urls(pattern):
         urls += sorted(glob.glob(u)) if any(c in u for c in "*?[") else [u]
@@ -98,7 +100,7 @@ def _from_pattern(pattern: str, cache_dir: str | None = None) -> list[ShardInfo]
                 pass
     todo = [u for u in found if os.path.normpath(u) not in counts]
     if todo:  # counts from the shards' indexes (stored, or built by one pass over the tar headers)
-        for u, idx in zip(todo, load_indexes([(u, "") for u in todo], cache_dir,
+        for u, idx in zip(todo, load_indexes([(u, "") for u in todo], cache_dir, store_beside=store_beside,
                                              what=f"shard(s) matching {pattern!r} (no manifest entry)")):
             if isinstance(idx, DataError):
                 raise idx

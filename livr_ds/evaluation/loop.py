@@ -30,7 +30,8 @@ from . import generate
 from .scoring import accuracy_by_task, score
 from .modes import EvalMode, get_mode
 from ..modeling import merged_latent_rows
-from ..data.collate import LivrCollator
+from ..data.collate import LivrCollator, SampleRefused
+from ..data.schema import DataError
 from ..data.reader import LivrLoader, ShardSource
 
 log = logging.getLogger(__name__)
@@ -229,47 +230,88 @@ def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, 
     model.eval()
     rows = contextlib.ExitStack()  # the trained latent rows written into the table for the loop
     rows.enter_context(merged_latent_rows(model.hf_model))
+
+    def evaluate_batch(positions, samples) -> list[dict]:
+        nonlocal drawn
+        preds: list[str | None] = [None] * len(samples)
+        option_ll: list[list[float] | None] = [None] * len(samples)
+        if scoring == "likelihood":
+            mc = [i for i, s in enumerate(samples) if s.choices]
+            for i, (pred, sc) in zip(mc, likelihood_answers(model, answer_collator, [samples[i] for i in mc],
+                                                            mode.policy)):
+                preds[i], option_ll[i] = pred, sc
+        rest = [i for i, p in enumerate(preds) if p is None]
+        if rest:
+            for i, pred in zip(rest, generate.greedy_answers(model, gen_collator, [samples[i] for i in rest],
+                                                             mode.policy, max_new_tokens, use_cache=use_cache)):
+                preds[i] = pred
+        recs = score(samples, preds)
+        for r, sc in zip(recs, option_ll):
+            if sc is not None:
+                r["option_loglik"] = sc
+        for p, r in zip(positions, recs):
+            r["index"] = p
+        if model.lockstep:  # padding and samples past max_samples ran only to keep ranks in step
+            recs = [r for r in recs if r["index"] is not None]
+        if probe:
+            batch = answer_collator(samples)
+            per_sample, maps = probes.attention_probe(model, batch, mode.policy, want_maps=drawn < probe_images)
+            acc.add(per_sample, [s.task for s in samples])
+            for r, v in zip(recs, per_sample):
+                r["answer_to_latent"] = v["answer_to_latent"]
+            if maps is not None and probe_dir:
+                for s, m in zip(samples, maps):
+                    if drawn >= probe_images:
+                        break
+                    probes.draw_latent_heatmaps(s, m, os.path.join(probe_dir, f"{s.key.replace('/', '_')}.png"),
+                                                title=f"{s.task} {s.key}: latent-to-image attention ({mode.name})")
+                    drawn += 1
+        return recs
+
+    last = None  # the last sample evaluated: a stand-in under lockstep
     try:
         for positions, samples in iter_samples(data, split, rank, world_size, batch_size, max_samples, num_workers,
                                                seed=seed, on_error=on_error, lockstep=model.lockstep):
-            preds: list[str | None] = [None] * len(samples)
-            option_ll: list[list[float] | None] = [None] * len(samples)
-            if scoring == "likelihood":
-                mc = [i for i, s in enumerate(samples) if s.choices]
-                for i, (pred, sc) in zip(mc, likelihood_answers(model, answer_collator, [samples[i] for i in mc],
-                                                                mode.policy)):
-                    preds[i], option_ll[i] = pred, sc
-            rest = [i for i, p in enumerate(preds) if p is None]
-            if rest:
-                for i, pred in zip(rest, generate.greedy_answers(model, gen_collator, [samples[i] for i in rest],
-                                                                 mode.policy, max_new_tokens, use_cache=use_cache)):
-                    preds[i] = pred
-            recs = score(samples, preds)
-            for r, sc in zip(recs, option_ll):
-                if sc is not None:
-                    r["option_loglik"] = sc
-            for p, r in zip(positions, recs):
-                r["index"] = p
-            if model.lockstep:  # padding and samples past max_samples ran only to keep ranks in step
-                recs = [r for r in recs if r["index"] is not None]
-            if probe:
-                batch = answer_collator(samples)
-                per_sample, maps = probes.attention_probe(model, batch, mode.policy, want_maps=drawn < probe_images)
-                acc.add(per_sample, [s.task for s in samples])
-                for r, v in zip(recs, per_sample):
-                    r["answer_to_latent"] = v["answer_to_latent"]
-                if maps is not None and probe_dir:
-                    for s, m in zip(samples, maps):
-                        if drawn >= probe_images:
-                            break
-                        probes.draw_latent_heatmaps(s, m, os.path.join(probe_dir, f"{s.key.replace('/', '_')}.png"),
-                                                    title=f"{s.task} {s.key}: latent-to-image attention ({mode.name})")
-                        drawn += 1
+            positions, samples = list(positions), list(samples)
+            for _ in range(2 * len(samples) + 2):
+                try:
+                    recs = evaluate_batch(positions, samples) if samples else []
+                    break
+                except SampleRefused as exc:
+                    # The processor refused a sample (shards written without livr-ds's shape
+                    # checks): the same rule as a sample that does not decode.
+                    k = _refused_slot(samples, exc)
+                    if on_error == "raise" or k is None:
+                        raise DataError(str(exc)) from None
+                    log.warning("skipping bad sample: %s", exc)
+                    if not model.lockstep:
+                        del positions[k], samples[k]
+                    else:  # every rank must run the same forwards: a stand-in, not counted
+                        donor = samples[0] if k > 0 else last
+                        if donor is None:
+                            raise DataError(f"{exc}; under lockstep (ZeRO-3) there is no sample to stand in "
+                                            "for it: remove it from the shards") from None
+                        positions[k], samples[k] = None, donor
+            else:
+                raise DataError("the processor refused every stand-in for the bad samples of a batch")
+            if samples:
+                last = samples[-1]
             records += recs
     finally:
         rows.close()
         model.train(was_training)
     return records, (acc.state() if acc else None)
+
+
+def _refused_slot(samples: list, exc: SampleRefused) -> int | None:
+    """Where the sample the processor refused sits in the batch (likelihood scoring encodes copies
+    of it, one per option: those are found by shard and key)."""
+    if exc.sample is None:
+        return None
+    for i, s in enumerate(samples):
+        if s is exc.sample:
+            return i
+    return next((i for i, s in enumerate(samples) if (s.shard, s.key) == (exc.sample.shard, exc.sample.key)), None)
 
 
 def gather_records(records: list[dict], extra=None) -> tuple[list[dict], list]:

@@ -462,7 +462,8 @@ class Doctor:
                                     ("data.val", cfg.data.val, cfg.data.val_split)):
             for s in sources:
                 try:
-                    shards = ShardSource(s.path, weight=s.weight, split=split).resolve()
+                    # A check must not change what it checks: indexes it builds go to the cache dir.
+                    shards = ShardSource(s.path, weight=s.weight, split=split).resolve(store_beside=False)
                 except (DataError, OSError) as e:
                     self.add("FAIL", key, str(e),
                              "write shards with `livr-ds shards ...` (docs/data.md) or fix the path")

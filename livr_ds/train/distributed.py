@@ -61,6 +61,13 @@ def init(device_type: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def shutdown() -> None:
+    """Tear down the process group if one exists (tools that initialise it for themselves, such as
+    the benchmark, leave none behind)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -33,7 +33,8 @@ def bench_loader(model_path, family, data_dir, batch_size=8, batches=12, workers
     return rows
 
 
-def bench_loader_io(world_size=8, rounds=5, n_shards=16, per_shard=64, image_size=160, batch_size=8):
+def bench_loader_io(world_size=8, rounds=5, n_shards=16, per_shard=64, image_size=160, batch_size=8,
+                    work_dir: str | None = None):
     """Stream vs indexed shard reads, same synthetic shards (n_shards x per_shard samples, 2 random
     JPEGs of image_size^2 each): rank 0 of ``world_size``, one process (num_workers=0), decode only.
     The two modes alternate for ``rounds`` epochs, order reversed every round; median samples/s,
@@ -58,7 +59,7 @@ def bench_loader_io(world_size=8, rounds=5, n_shards=16, per_shard=64, image_siz
             yield {"key": f"b{i:06d}", "task": "t", "question": "q?", "choices": ["x", "y"], "answer": "A",
                    "images": ims}
 
-    d = os.path.join(tempfile.mkdtemp(prefix="livr-bench-io-"), "shards")
+    d = os.path.join(tempfile.mkdtemp(prefix="livr-bench-io-", dir=work_dir), "shards")
     write_shards(samples(), d, "train", shard_size=per_shard, progress=False)
     data_bytes = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".tar"))
     times: dict[str, list[float]] = {"stream": [], "indexed": []}

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import tempfile
 
 import torch
 
+from ...train import distributed as dist
 from .archs import bench_arch, bench_eval
 from .loader import bench_loader, bench_loader_io
 from .masks import bench_mask
@@ -20,10 +22,20 @@ from .trainer import bench_vs_trainer
 def run_all(out: str, model_path: str | None, family: str, data_dir: str | None, only=None, repeats=10,
             archs=("qwen2_5_vl_3b", "qwen3_vl_4b"), arch_batch: int = 8, image_pixels: int = 448 * 448,
             peak_tflops: float | None = None) -> dict:
+    tmp = tempfile.mkdtemp(prefix="livr-bench-")  # every file the benchmarks write; removed at the end
+    try:
+        return _run_all(tmp, out, model_path, family, data_dir, only, repeats, archs, arch_batch, image_pixels,
+                        peak_tflops)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        dist.shutdown()
+
+
+def _run_all(tmp, out, model_path, family, data_dir, only, repeats, archs, arch_batch, image_pixels,
+             peak_tflops) -> dict:
     from ...data.demo import make_demo
     from ...models import get_adapter
 
-    tmp = tempfile.mkdtemp(prefix="livr-bench-")
     model_path = model_path or get_adapter(family).write_tiny(os.path.join(tmp, "tiny"))
     if data_dir is None:
         data_dir = os.path.join(tmp, "demo")
@@ -43,13 +55,13 @@ def run_all(out: str, model_path: str | None, family: str, data_dir: str | None,
         result["packing"] = bench_packing(model_path, family, data_dir, repeats=max(3, repeats // 2))
     if "loader" in todo:
         result["loader"] = bench_loader(model_path, family, data_dir)
-        result["loader_io"] = bench_loader_io()
+        result["loader_io"] = bench_loader_io(work_dir=tmp)
         if "stage" in result:
             step = min(r["stage1_s"] for r in result["stage"])
             result["loader_vs_consumption"] = {"train_samples_per_s": 8 / step,
                                                "best_loader_samples_per_s": max(r["samples_per_s"] for r in result["loader"])}
     if "trainer" in todo:
-        result["trainer"] = bench_vs_trainer(model_path, family, data_dir)
+        result["trainer"] = bench_vs_trainer(model_path, family, data_dir, work_dir=tmp)
     if "precision" in todo:
         result["precision"] = bench_grad_accum(model_path, family, data_dir)
     if "arch" in todo:

@@ -11,7 +11,7 @@ import time
 import torch
 
 
-def bench_vs_trainer(model_path, family, data_dir, rounds=3, steps=5, batch_size=8):
+def bench_vs_trainer(model_path, family, data_dir, rounds=3, steps=5, batch_size=8, work_dir: str | None = None):
     """livr-ds's loop vs transformers Trainer + PEFT + DeepSpeed ZeRO-2 on the same tiny model,
     the same pre-collated batches and global batch, Direct SFT (no latents, standard mask): both
     sides train the same LoRA. The two alternate in `rounds` rounds of `steps` optimizer steps
@@ -71,7 +71,7 @@ def bench_vs_trainer(model_path, family, data_dir, rounds=3, steps=5, batch_size
         hf = get_peft_model(bb.adapter.load_model(bb.path), LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=bb.adapter.lora_target_regex))
         args = TrainingArguments(
-            output_dir=tempfile.mkdtemp(prefix="livr-bench-hf-"), per_device_train_batch_size=1, max_steps=steps,
+            output_dir=tempfile.mkdtemp(prefix="livr-bench-hf-", dir=work_dir), per_device_train_batch_size=1, max_steps=steps,
             learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, lr_scheduler_type="cosine",
             warmup_steps=1, max_grad_norm=cfg.optim.grad_clip, deepspeed=hf_ds, report_to=[], save_strategy="no",
             logging_steps=10**6, disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
