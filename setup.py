@@ -15,7 +15,11 @@ setup(
     package_data={"livr_ds.data": ["paper_results.json"]},  # the paper's Table 1 (livr-ds report)
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.6",  # CPU installs pin torch==2.13.0 first (README); never torchvision
+        # The floor is the one torch the suite has run (2.13.0): flex attention's compiled
+        # BlockMask builder with automatic dynamic shapes (livr_ds/segments.py) and
+        # TORCH_ELASTIC_SHUTDOWN_TIMEOUT (slurm/train.sbatch) are verified there and not below.
+        # CPU installs pin torch==2.13.0 first (README); never torchvision.
+        "torch>=2.13",
         "deepspeed==0.19.8",
         "transformers==5.24.0",
         "tokenizers>=0.23,<0.24",

@@ -16,7 +16,8 @@ not stop the later ones unless they need its output):
   6. zero3      Stage 1 under ds_configs/zero3.json on up to 2 devices; its losses vs step 4's
   7. stage2     `launch/train.py --stage 2 --init-from <stage1>` (flash-attn if installed, else sdpa)
   8. eval       `launch/eval.py` on the Stage 2 export in all four modes (device and dtype: auto)
-  9. bench      `livr-ds bench --only mask arch eval` on the released 3B/4B architectures (GPU only)
+  9. bench      `livr-ds bench --only mask arch eval` on the released 3B/4B architectures (GPU only),
+                and the compiled BlockMask's device memory at L = 16k vs the dense mask
 Summary: <out>/gpu_check.json; exit 1 if any step failed.
 """
 
@@ -214,6 +215,13 @@ def main(argv=None) -> int:
         bench_out = os.path.join(out, "bench.json")
         check.run("bench", [py, "-m", "livr_ds.cli", "bench", "--only", "mask", "arch", "eval", "--repeats", "3",
                             "--arch", *args.bench_archs, "--out", bench_out], args.timeout)
+        if os.path.exists(bench_out):
+            # Training builds the BlockMask compiled: nothing L x L on the device, unlike the
+            # uncompiled reference (livr_ds/segments.py block_mask).
+            with open(bench_out) as f:
+                longest = (json.load(f).get("mask") or [{}])[-1]
+            check.record("flex_blockmask_compiled", longest.get("flex_compiled_peak_bytes", 1 << 62)
+                         < longest.get("dense_bytes", 0) / 100, **longest)
 
     summary = {"ok": all(s["ok"] for s in check.steps), "seconds": round(time.time() - t_start, 1),
                "device": "cpu" if not on_gpu else env.get("gpus"), "steps": check.steps}

@@ -6,7 +6,7 @@ A mixture of 6 sources over ``--shards`` shards of ``--per-shard`` samples (weig
 0.5, 2: a full pass, a half subset and a double pass), at ``--ranks`` ranks. Measures, each with
 tracemalloc (peak Python + numpy allocations) and wall time (best of 3, untraced):
   plan     EpochPlan: what every worker builds once per epoch (O(samples in the epoch), numpy)
-  requests one worker's request list (reader.worker_requests): O(that worker's samples)
+  requests one worker's request list (loader.worker_requests): O(that worker's samples)
   indexes  the per-shard sample indexes a rank holds in memory (synthetic keys/offsets), the
            size of one shard's .idx.json, and the time to load all of them from files (sparse
            stand-in shards in a temp dir; once per rank and run)
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from livr_ds.data import index as index_mod  # noqa: E402
 from livr_ds.data.index import ShardIndex, load_indexes, write_index  # noqa: E402
 from livr_ds.data.plan import EpochPlan, Layout  # noqa: E402
-from livr_ds.data.reader import worker_requests  # noqa: E402
+from livr_ds.data.loader import worker_requests  # noqa: E402
 
 
 def measure(fn, repeats: int = 3):

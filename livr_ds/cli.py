@@ -73,7 +73,10 @@ def _optional_commands():
     from .evaluation.cli import add_eval_commands
 
     yield add_eval_commands
-    from .experiments.bottleneck_proof import add_experiment_command
+    from .evaluation.latent_analysis import add_analyze_command
+
+    yield add_analyze_command
+    from .experiments.cli import add_experiment_command
 
     yield add_experiment_command
     from .report.write import add_report_command

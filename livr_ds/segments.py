@@ -83,13 +83,44 @@ def mask_mod(segment_ids: torch.Tensor, doc_ids: torch.Tensor, policy: str):
     return mod
 
 
-def block_mask(segment_ids: torch.Tensor, doc_ids: torch.Tensor, policy: str, block_size: int = 128):
-    """A flex-attention BlockMask, built once per batch and shared by all layers."""
+# The flex kernel's tile: a BlockMask records, per (query block, key block), none/some/all allowed.
+FLEX_BLOCK = 128
+
+
+def pad_multiple(backend: str) -> int:
+    """What the collator pads a batch's length to on `backend`: the flex block size, so that the
+    compiled BlockMask builder sees few distinct lengths (one compile each, then dynamic shapes)."""
+    return FLEX_BLOCK if backend == "flex" else 1
+
+
+_compiled_builder = None
+
+
+def _create_block_mask_compiled():
+    # Uncompiled, create_block_mask evaluates mask_mod over the whole (B, 1, L, L) grid in vmap
+    # with int64 index temporaries (about 0.5 GB at L = 8192, more than the mask itself); compiled,
+    # inductor fuses the rule into the per-block reduction and only the block tables are stored.
+    # torchtitan compiles it the same way (one module-level torch.compile, reused by every batch).
+    global _compiled_builder
+    if _compiled_builder is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        # Default (automatic) dynamic shapes: the first length compiles static, the second one
+        # recompiles with a symbolic length, and no later length compiles again.
+        _compiled_builder = torch.compile(create_block_mask)
+    return _compiled_builder
+
+
+def block_mask(segment_ids: torch.Tensor, doc_ids: torch.Tensor, policy: str, block_size: int = FLEX_BLOCK,
+               compiled: bool = True):
+    """A flex-attention BlockMask, built once per batch and shared by all layers. `compiled=False`
+    is the uncompiled reference (tests and the benchmark compare the two)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    build = _create_block_mask_compiled() if compiled else create_block_mask
     B, L = segment_ids.shape
-    return create_block_mask(mask_mod(segment_ids, doc_ids, policy), B, None, L, L,
-                             device=segment_ids.device, BLOCK_SIZE=block_size)
+    return build(mask_mod(segment_ids, doc_ids, policy), B, None, L, L,
+                 device=segment_ids.device, BLOCK_SIZE=block_size)
 
 
 def parse_segments(text: str) -> torch.Tensor:

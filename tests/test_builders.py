@@ -23,7 +23,8 @@ from PIL import Image
 
 from builder_fixtures import (blink_parquet, make_coco, make_mid, make_pixmo, near_duplicate, texture)
 from livr_ds.builders.cli import TASKS, add_data_commands, build_task
-from livr_ds.builders.common import iou, marker_sizes, place_labels
+from livr_ds.builders.geometry import iou
+from livr_ds.builders.markers import marker_sizes, place_labels
 from livr_ds.builders.dedup import Deduper
 from livr_ds.data.schema import DataError
 
@@ -501,7 +502,8 @@ def test_multitask_config_reads_the_six_built_tasks(src, tmp_path, monkeypatch):
     """configs/livr_multitask_6k.yaml over six built tasks is the paper's mixture: one epoch holds
     every sample of the six train splits exactly once (6 x n here, 6 x 1000 at full size)."""
     from livr_ds.config import load_config
-    from livr_ds.data.reader import LivrLoader, ShardSource
+    from livr_ds.data.loader import LivrLoader
+    from livr_ds.data.sources import ShardSource
 
     n = 4
     kw = {"counting": {"source": src["pixmo"], "source_2": src["pixmo_images"]},

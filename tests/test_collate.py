@@ -42,6 +42,24 @@ def test_layout_labels_and_segments(qwen, photos):
     assert 0 < batch["meta"]["pad_fraction"] < 1
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_flex_batches_pad_to_the_block_size_and_nothing_else_changes(qwen, photos, packing):
+    adapter, processor = qwen
+    samples = [sample(photos, "a", 2), sample(photos, "b", 1)]
+    plain = LivrCollator(adapter, processor, [7, 8], packing=packing)(samples)
+    padded = LivrCollator(adapter, processor, [7, 8], packing=packing,
+                          pad_to_multiple=segments.pad_multiple("flex"))(samples)
+    L, Lp = plain["input_ids"].shape[1], padded["input_ids"].shape[1]
+    assert Lp % segments.FLEX_BLOCK == 0 and L <= Lp < L + segments.FLEX_BLOCK and L % segments.FLEX_BLOCK
+    for key in ("input_ids", "segment_ids", "doc_ids", "labels"):
+        assert torch.equal(padded[key][:, :L], plain[key]), key
+    assert (padded["segment_ids"][:, L:] == segments.PAD).all() and (padded["labels"][:, L:] == -100).all()
+    for row in range(padded["input_ids"].shape[0]):  # the padding is its row's own last document
+        real = plain["segment_ids"][row] != segments.PAD
+        assert (padded["doc_ids"][row, L:] == plain["doc_ids"][row][real].max() + 1).all()
+    assert segments.pad_multiple("sdpa") == segments.pad_multiple("eager") == 1
+
+
 def test_padding_samples_carry_no_loss(qwen, photos):
     adapter, processor = qwen
     s = sample(photos)

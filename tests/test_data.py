@@ -21,10 +21,11 @@ from livr_ds.data import index as index_mod
 from livr_ds.data import reader as reader_mod
 from livr_ds.data.cli import add_shards_commands
 from livr_ds.data.demo import TASKS, make_demo
-from livr_ds.data.reader import LivrLoader, ShardSource
+from livr_ds.data.loader import LivrLoader
 from livr_ds.data.schema import DataError, validate_record
 from livr_ds.data.convert import convert_jsonl, convert_parquet, verify_shards
 from livr_ds.data.manifest import read_manifest
+from livr_ds.data.sources import ShardSource
 from livr_ds.data.writer import write_shards
 
 pytestmark = pytest.mark.timeout(120)
@@ -431,6 +432,46 @@ def test_old_shards_without_index_one_header_pass_cached(tmp_path, caplog, monke
     assert len(scans) == 9
 
 
+@pytest.mark.parametrize("private_cache", [False, True], ids=["shared-cache", "node-local-cache"])
+def test_missing_indexes_are_built_split_across_ranks(tmp_path, private_cache):
+    """Two real ranks (torchrun, gloo) open 5 shards without indexes through index_shards, as the
+    trainer does: with a shared cache each shard is indexed exactly once, by one rank, the ranks
+    sharing the work; when neither can see the other's results each builds what it is missing.
+    Either way every rank reads exactly the samples and bytes of a loader given the indexes."""
+    import subprocess
+    import sys
+
+    d = _dataset(tmp_path, 20, 5, size=(24, 24))
+    refs = []
+    for r in range(2):
+        index_mod._MEMO.clear()
+        ref = LivrLoader(d, rank=r, world_size=2, batch_size=2, seed=3)  # the writer's indexes
+        refs.append(([s.key for b in ref for s in b], ref.stats["bytes_read"]))
+    for f in os.listdir(d):
+        if f.endswith(".idx.json"):
+            os.remove(os.path.join(d, f))
+    out = tmp_path / "out"
+    out.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    probe = os.path.join(root, "tests", "index_share_probe.py")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(29700 + os.getpid() % 200), probe, d, str(out)]
+    r = subprocess.run(argv + (["--private-cache"] if private_cache else []), capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    shards = [f"train-{i:05d}.tar" for i in range(5)]
+    if private_cache:
+        assert [sorted(x["built"]) for x in ranks] == [shards, shards]
+        assert "built by other ranks were not visible here" in r.stderr
+    else:
+        assert sorted(ranks[0]["built"] + ranks[1]["built"]) == shards  # each exactly once
+        assert [sorted(x["built"]) for x in ranks] == [shards[0::2], shards[1::2]]
+        assert sorted(os.listdir(d)) == sorted(shards + [f + ".idx.json" for f in shards] + ["manifest.json"])
+    for x, (keys, nbytes) in zip(ranks, refs):
+        assert x["keys"] == keys and x["bytes_read"] == nbytes
+
+
 def test_tar_cut_inside_a_member_keeps_complete_samples(tmp_path):
     d = _dataset(tmp_path, 12, 2, size=(24, 24))  # shard 1: s0006 .. s0011
     shard = os.path.join(d, "train-00001.tar")
@@ -645,7 +686,8 @@ def test_process_exits_with_an_abandoned_or_failed_worker_epoch(tmp_path):
 
     make_demo(str(tmp_path / "d"), seed=0, n_train=8, n_val=2, n_test=2, tasks=["counting"])
     script = f"""
-from livr_ds.data.reader import LivrLoader, ShardSource
+from livr_ds.data.loader import LivrLoader
+from livr_ds.data.sources import ShardSource
 loader = LivrLoader([ShardSource({str(tmp_path / 'd')!r})], 0, 1, batch_size=1, num_workers=2, seed=0)
 abandoned = iter(loader); next(abandoned)
 err = None
@@ -885,3 +927,43 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setenv("LIVR_DS_MAX_IMAGE_PIXELS", str(12 * 10 - 1))
     with pytest.raises(DataError, match="12 x 10 = 120 pixels, above the limit of 119"):
         open_image(_enc(_img(0)), "x.png")
+
+
+def test_a_jpeg_above_the_limit_decodes_downscaled_and_one_limit_holds(monkeypatch):
+    """A JPEG over the pixel limit is decoded by libjpeg at the least reduction that fits (never
+    allocated in full); PNG over it is refused; under it, pixels equal a plain PIL decode (what a
+    tool serving the export sees); beyond 64 x the limit even a JPEG is refused with our message,
+    not PIL's DecompressionBombError."""
+    import io
+
+    import numpy as np
+    from livr_ds.data.images import decode_image
+
+    def jpeg(w, h):
+        rng = np.random.default_rng(0)
+        im = Image.fromarray(rng.integers(0, 255, (h // 10 + 1, w // 10 + 1, 3), dtype=np.uint8)).resize((w, h))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+    monkeypatch.setenv("LIVR_DS_MAX_IMAGE_PIXELS", "10000")
+    small = jpeg(100, 90)
+    assert np.array_equal(np.asarray(decode_image(small, "jpg", "s")),
+                          np.asarray(Image.open(io.BytesIO(small)).convert("RGB")))
+    big = jpeg(400, 300)  # 120k pixels: 1/2 is 30k, 1/4 is 7.5k
+    got = decode_image(big, "jpg", "big")
+    assert got.size == (100, 75)
+    reference = np.asarray(Image.open(io.BytesIO(big)).convert("RGB").resize((100, 75), Image.BILINEAR), float)
+    assert np.abs(np.asarray(got, float) - reference).mean() < 8  # the same picture, smaller
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(big)).save(buf, format="PNG")
+    with pytest.raises(DataError, match="big.png: image is far above the limit of 10000 pixels \\(refused"):
+        decode_image(buf.getvalue(), "png", "big.png")  # 120k > 2 x 10k: where PIL's own error fires
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(small)).resize((110, 100)).save(buf, format="PNG")
+    with pytest.raises(DataError, match="s.png: image is 110 x 100 = 11000 pixels, above the limit of 10000"):
+        decode_image(buf.getvalue(), "png", "s.png")
+    with pytest.raises(DataError, match=r"huge: image is far above the limit of 10000 pixels; a JPEG up to 640000"):
+        decode_image(jpeg(1600, 1200), "jpg", "huge")  # 1.92 M > 2 x 640k: where PIL's own error fires
+    with pytest.raises(DataError, match="huge2: image is 1000 x 800 = 800000 pixels, above the limit of 10000"):
+        decode_image(jpeg(1000, 800), "jpg", "huge2")  # 1/8 is 12.5k, still above

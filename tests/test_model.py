@@ -294,7 +294,8 @@ def test_published_architecture_errors():
 def test_flex_backend_forward_equals_sdpa(tiny_dirs, photos, family):
     """The GPU path's wiring, run forward-only on CPU (flex has no CPU backward): the BlockMask reaches
     every text layer through transformers' flex integration, and logits equal the sdpa path's under
-    both policies, on padded and packed rows."""
+    both policies, on padded and packed rows; the flex batch padded to the block size as training
+    pads it (the sdpa one is not), which changes no real position's logits."""
     torch._dynamo.reset()  # transformers compiles flex; a recompile for a 2nd model hits an inductor CPU bug
     samples = [sample(photos[:1], "a"), sample(photos[1:3], "b", choices=(), answer="12"),
                sample([photos[3]], "c", answer="B")]
@@ -304,7 +305,9 @@ def test_flex_backend_forward_equals_sdpa(tiny_dirs, photos, family):
         assert bb.model.backend == backend
         m = bb.model.eval()
         for packing in (False, True):
-            batch = LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens=512, packing=packing)(samples)
+            batch = LivrCollator(bb.adapter, bb.processor, bb.latent_ids, max_tokens=512, packing=packing,
+                                 pad_to_multiple=segments.pad_multiple(backend))(samples)
+            assert (batch["input_ids"].shape[1] % segments.FLEX_BLOCK == 0) is (backend == "flex")
             real = batch["segment_ids"] != segments.PAD
             with torch.no_grad():
                 for policy in ("bottleneck", "standard"):

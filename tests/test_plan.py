@@ -109,3 +109,25 @@ def test_activation_estimate_within_the_stated_error_of_the_measured_peak():
     assert rows[False]["measured_mib"] > 20 and rows[True]["measured_mib"] > 20  # something was measured
     assert abs(rows[False]["error"]) <= 0.35, rows[False]
     assert abs(rows[True]["error"]) <= 0.35, rows[True]
+
+
+def test_the_attention_mask_is_counted_per_backend(capsys):
+    """Stage 1 (bottleneck) plans flex on CUDA: the compiled BlockMask's block tables, nothing L x L;
+    an explicit sdpa holds the (B, 1, L, L) bool mask and builds it on int64 L x L broadcasts."""
+    cfg = _cfg()
+    shapes = count_shapes(cfg, *build_meta(cfg))
+    L, n = 2048, 2048 // 128
+    flex = plan(cfg, gpus=1, shapes=shapes)
+    assert flex["attention"]["stage1"]["backend"] == "flex"
+    assert flex["attention"]["stage1"]["mask_gib"] * GIB == 16 * n * n + 16 * n
+    sdpa_cfg = load_config(None, [a for a in ARGS if a != "--set"] + ["model.attn_backend=sdpa",
+                                                                      "optim.micro_batch_size=2"])
+    sdpa = plan(sdpa_cfg, gpus=1, shapes=shapes)
+    assert {a["backend"] for a in sdpa["attention"].values()} == {"sdpa"}
+    assert sdpa["attention"]["stage1"]["mask_gib"] * GIB == 2 * L * L
+    assert sdpa["attention"]["stage1"]["mask_build_gib"] * GIB == 2 * L * L * 9
+    for row in sdpa["rows"]:  # the mask is part of what each config must fit
+        assert abs(row["total_gib"] - row["params_gib"] - row["grads_gib"] - row["optim_gib"]
+                   - max(row["activations_gib"] + row["mask_gib"], 2 * L * L * 9 / GIB)) < 1e-9
+    assert cli.main(["plan", *ARGS, "--gpus", "1"]) == 0
+    assert "attention (on CUDA): stage 1 flex (mask 0.0 MiB held" in capsys.readouterr().out

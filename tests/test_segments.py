@@ -63,6 +63,25 @@ def test_dense_equals_flex_blockmask(policy):
         assert torch.equal(seen_eager, dense[:, 0])
 
 
+def test_compiled_blockmask_equals_the_reference_and_compiles_a_bounded_number_of_times():
+    """Training builds the BlockMask compiled (no dense L x L grid) on batches padded to the block
+    size; a new batch length or batch size must not recompile once shapes went dynamic."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    gen = torch.Generator().manual_seed(7)
+    for blocks, batch in ((3, 1), (5, 1), (2, 2), (8, 1), (4, 3), (6, 2), (7, 1)):
+        seg, doc = random_layout(gen, batch=batch, length=blocks * segments.FLEX_BLOCK)
+        for policy in ("bottleneck", "standard"):
+            got = segments.block_mask(seg, doc, policy)
+            ref = segments.block_mask(seg, doc, policy, compiled=False)
+            tables = [(a, b) for a, b in zip(got.as_tuple(), ref.as_tuple()) if torch.is_tensor(a)]
+            assert len(tables) >= 4 and all(torch.equal(a, b) for a, b in tables)
+    # static first length, then a symbolic length, then a symbolic batch size: 7 shapes, 3 graphs
+    assert 1 <= counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+
+
 def test_rule_semantics():
     seg = segments.parse_segments("P I I P L L A A X")
     m = {p: segments.dense_mask(seg[None], torch.zeros(1, 9, dtype=torch.long), p)[0, 0] for p in POLICIES}

@@ -259,7 +259,8 @@ def test_zero3_equals_zero2_and_trains_only_lora_and_latent_rows(zero3_4, ref4):
 
 def test_zero3_exports_reload_with_the_logits_of_zero2(zero3_4, ref4, demo_data, tiny_tied_dirs):
     from livr_ds.data.collate import LivrCollator
-    from livr_ds.data.reader import LivrLoader, ShardSource
+    from livr_ds.data.loader import LivrLoader
+    from livr_ds.data.sources import ShardSource
     from livr_ds.export import load_export
 
     from livr_ds import segments
@@ -420,7 +421,8 @@ def test_kills_at_each_fault_point_keep_metrics_exact_and_skip_damaged_checkpoin
 def test_stage2_init_from_stage1_and_exports(tmp_path, demo_data, tiny_tied_dirs, ref4):
     from livr_ds.config import load_config
     from livr_ds.data.collate import LivrCollator
-    from livr_ds.data.reader import LivrLoader, ShardSource
+    from livr_ds.data.loader import LivrLoader
+    from livr_ds.data.sources import ShardSource
     from livr_ds import export
     from livr_ds.export import load_export
     from livr_ds.modeling import build_backbone

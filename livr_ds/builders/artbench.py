@@ -15,8 +15,12 @@ from __future__ import annotations
 import os
 
 from ..data.schema import DataError, letter
-from .common import (CorruptImage, Pools, Unusable, balanced, build, fit, need_dir, open_image, split_by_key,
-                     split_fractions, with_choices)
+from .build import build
+from .image_format import fit
+from .prompts import with_choices
+from .source import need_dir, open_image
+from .splits import balanced, split_by_key, split_fractions
+from .units import CorruptImage, Pools, Unusable
 
 QUESTION = ("Some most common art painting styles include Realism, Impressionism, Expressionism, Pop Art, and "
             "Cubism. Given the following images of art paintings, use the first image as the reference image, and "

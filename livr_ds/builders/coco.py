@@ -20,8 +20,14 @@ import os
 from PIL import Image
 
 from ..data.schema import DataError, letter
-from .common import (Pools, Unusable, balanced, build, draw_boxes, fit, iou, need_dir, need_file, open_image,
-                     split_by_key, split_fractions, with_choices)
+from .build import build
+from .geometry import iou
+from .image_format import fit
+from .markers import draw_boxes
+from .prompts import with_choices
+from .source import need_dir, need_file, open_image
+from .splits import balanced, split_by_key, split_fractions
+from .units import Pools, Unusable
 
 JIGSAW_W, JIGSAW_H = 400, (170, 230)
 LOC_AREA, LOC_FILL, LOC_IOU = (0.15, 0.50), 0.60, (0.2, 0.5)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from PIL import Image
 
 from ..data.schema import letter
-from .common import draw_points, with_choices
+from .markers import draw_points
+from .prompts import with_choices
 
 CHOICES = ["Point A", "Point B", "Point C", "Point D"]
 

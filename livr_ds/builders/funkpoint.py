@@ -29,7 +29,11 @@ import math
 import os
 
 from ..data.schema import DataError
-from .common import (Pools, Unusable, balanced, build, fit, need_dir, open_image, split_by_key, split_fractions)
+from .build import build
+from .image_format import fit
+from .source import need_dir, open_image
+from .splits import balanced, split_by_key, split_fractions
+from .units import Pools, Unusable
 from .correspond import ref_and_candidates
 
 QUESTION = ("Humans can find corresponding points for the same action between different objects. For instance, if "

@@ -18,8 +18,12 @@ import os
 import numpy as np
 
 from ..data.schema import DataError
-from .common import (Pools, Unusable, balanced, build, far_points, fit, need_dir, open_image, split_by_key,
-                     split_fractions)
+from .build import build
+from .geometry import far_points
+from .image_format import fit
+from .source import need_dir, open_image
+from .splits import balanced, split_by_key, split_fractions
+from .units import Pools, Unusable
 from .correspond import ref_and_candidates
 
 QUESTION = ('A point is circled on the first image, labeled with REF. We change the camera position or lighting '

@@ -26,8 +26,13 @@ import numpy as np
 
 from ..data.images import open_image as decode_source
 from ..data.schema import DataError, letter
-from .common import (CorruptImage, Pools, Unusable, build, draw_points, fit, need_dir, open_image, split_by_key,
-                     split_fractions, with_choices)
+from .build import build
+from .image_format import fit
+from .markers import draw_points
+from .prompts import with_choices
+from .source import need_dir, open_image
+from .splits import split_by_key, split_fractions
+from .units import CorruptImage, Pools, Unusable
 
 SAME_MAX = 0.10
 SAME_SHARE = 0.25

@@ -19,7 +19,12 @@ import csv
 import os
 
 from ..data.schema import DataError, letter
-from .common import Pools, balanced, build, fit, need_dir, need_file, open_image, with_choices
+from .build import build
+from .image_format import fit
+from .prompts import with_choices
+from .source import need_dir, need_file, open_image
+from .splits import balanced
+from .units import Pools
 
 QUESTION = ("Given three similar but different images, take the first image as reference. Can you tell which one "
             "of the latter two images is most similar to the first one?")

@@ -22,7 +22,12 @@ import os
 import re
 
 from ..data.schema import DataError
-from .common import (CorruptImage, Pools, balanced_labels, build, fit, hash_rank, need_dir, open_image_bytes)
+from .build import build
+from .image_format import fit
+from .seeding import hash_rank
+from .source import need_dir, open_image_bytes
+from .splits import balanced_labels
+from .units import CorruptImage, Pools
 
 COUNTS = list(range(2, 11))
 QUESTION = "How many {label} are there in the image?"

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from ..data.images import decode_image
 from ..data.manifest import read_manifest
 from ..data.schema import DataError
-from .common import font
+from .markers import font
 
 ROW_H, PAD, TEXT_W = 240, 8, 560
 

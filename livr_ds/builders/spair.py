@@ -22,7 +22,11 @@ import math
 import os
 
 from ..data.schema import DataError
-from .common import Pools, Unusable, balanced, build, fit, need_dir, open_image
+from .build import build
+from .image_format import fit
+from .source import need_dir, open_image
+from .splits import balanced
+from .units import Pools, Unusable
 from .correspond import ref_and_candidates
 
 QUESTION = ("Humans can find corresponding points for different objects in the same category. For instance, if "

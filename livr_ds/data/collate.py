@@ -113,7 +113,8 @@ class LivrCollator:
     """Callable on a list of samples; picklable, so it runs inside DataLoader workers."""
 
     def __init__(self, adapter: BackboneAdapter, processor, latent_ids: list[int], max_tokens: int = 4096,
-                 too_long: str = "error", with_answer: bool = True, packing: bool = False):
+                 too_long: str = "error", with_answer: bool = True, packing: bool = False,
+                 pad_to_multiple: int = 1):
         self.adapter = adapter
         self.processor = processor
         self.latent_ids = list(latent_ids)
@@ -121,6 +122,9 @@ class LivrCollator:
         self.too_long = too_long
         self.with_answer = with_answer
         self.packing = packing
+        # The flex path pads every batch to a multiple of its block size: the compiled BlockMask
+        # builder then sees a handful of lengths, not one per batch (each new one recompiles).
+        self.pad_to_multiple = max(int(pad_to_multiple), 1)
         tok = processor.tokenizer
         self.image_token_id = adapter.image_token_id(processor)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -199,6 +203,7 @@ class LivrCollator:
         rows = self.rows(encoded)
         B = len(rows)
         L = max((sum(len(e.input_ids) for e in row) for row in rows), default=1)
+        L = -(-L // self.pad_to_multiple) * self.pad_to_multiple
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         segment_ids = torch.full((B, L), segments.PAD, dtype=torch.long)
         doc_ids = torch.zeros((B, L), dtype=torch.long)

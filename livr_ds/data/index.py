@@ -51,6 +51,7 @@ import re
 import tarfile
 import time
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 import webdataset as wds
@@ -308,12 +309,19 @@ def get_index(url: str, sha256: str = "", cache_dir: str | None = None) -> Shard
 
 
 def load_indexes(shards: list[tuple[str, str]], cache_dir: str | None = None, start: float = 0.0,
-                 what: str = "shards", store_beside: bool = True) -> list[ShardIndex | DataError]:
+                 what: str = "shards", store_beside: bool = True, share: tuple[int, int] | None = None,
+                 barrier: Callable[[], None] | None = None) -> list[ShardIndex | DataError]:
     """Indexes of (url, sha256) shards, building the missing ones with one header pass, logged
     once (``store_beside=False``: what is built goes to the cache dir only, for checks that must
-    not change the folders they check). ``start`` in [0, 1) rotates the build order (rank / world), so ranks that start
-    together mostly find each other's results instead of repeating the work. A shard that cannot
-    be indexed at all gives a DataError in its place (the reader reports its samples as bad)."""
+    not change the folders they check). A shard that cannot be indexed at all gives a DataError in
+    its place (the reader reports its samples as bad).
+
+    Several ranks. With ``share=(rank, world)`` and a ``barrier`` that every rank calls, the
+    missing indexes are split: rank r builds the missing ones among shards r, r + world, ...; all wait,
+    then each reads the others' results (beside the shards or in a shared cache). A rank that
+    cannot see what another built (a node-local cache, a read-only shard folder) builds it itself
+    and says so. Without a barrier ``start`` in [0, 1) (rank / world) only rotates the build order,
+    so ranks that start together mostly find each other's results instead of repeating the work."""
     out: list = [None] * len(shards)
     todo = []
     for i, (url, sha) in enumerate(shards):
@@ -323,25 +331,52 @@ def load_indexes(shards: list[tuple[str, str]], cache_dir: str | None = None, st
             out[i] = DataError(f"{url}:<start>: cannot open shard ({exc})")
         if out[i] is None:
             todo.append(i)
-    if not todo:
+    if share is not None and barrier is not None:
+        # Every rank reaches the barrier, whatever it found: ranks may see different caches.
+        rank, world = share
+        # Owned by position, not by what this rank happened to find missing: ranks that look at
+        # different moments still agree on who builds what.
+        mine = [i for i in todo if i % world == rank]
+        _build_missing(shards, out, mine, cache_dir, what, store_beside, f"this rank's share ({rank}/{world})")
+        barrier()
+        rest = [i for i in todo if i not in set(mine)]
+        late = _build_missing(shards, out, rest, cache_dir, what, store_beside, "built by other ranks", quiet=True)
+        if late["built"]:
+            log.warning("%d index(es) built by other ranks were not visible here, built again on this rank "
+                        "(is the index cache %s shared between nodes? set it with LIVR_DS_INDEX_CACHE)",
+                        late["built"], cache_dir or default_cache_dir())
         return out
-    log.info("indexing %d of %d %s: no usable index (reading the tar headers only, once; the index is stored "
-             "%s %s)", len(todo), len(shards), what,
-             "beside the shard when writable, else in" if store_beside else "in", cache_dir or default_cache_dir())
-    t, nbuilt, nread = time.perf_counter(), 0, 0
-    k = int(start * len(todo)) % len(todo)
-    for i in todo[k:] + todo[:k]:
+    if todo:
+        k = int(start * len(todo)) % len(todo)
+        _build_missing(shards, out, todo[k:] + todo[:k], cache_dir, what, store_beside, "")
+    return out
+
+
+def _build_missing(shards, out: list, which: list[int], cache_dir, what: str, store_beside: bool, share: str,
+                   quiet: bool = False) -> dict:
+    """Fill out[i] for i in `which`: an index another process stored meanwhile, else one built now."""
+    stats = {"built": 0, "read": 0}
+    if not which:
+        return stats
+    if not quiet:
+        log.info("indexing %d of %d %s%s: no usable index (reading the tar headers only, once; the index is "
+                 "stored %s %s)", len(which), len(shards), what, f", {share}" if share else "",
+                 "beside the shard when writable, else in" if store_beside else "in",
+                 cache_dir or default_cache_dir())
+    t = time.perf_counter()
+    for i in which:
         url, sha = shards[i]
         try:
             idx = lookup(url, sha, cache_dir)  # another rank may have built it meanwhile
             if idx is None:
                 idx, n, _ = build(url, sha, cache_dir, store_beside)
-                nbuilt, nread = nbuilt + 1, nread + n
+                stats["built"], stats["read"] = stats["built"] + 1, stats["read"] + n
             out[i] = idx
         except DataError as exc:
             out[i] = exc
         except OSError as exc:
             out[i] = DataError(f"{url}:<start>: cannot read shard ({exc})")
-    log.info("indexed %d shard(s) in %.2f s, %d header bytes read (%d found built by another process)",
-             nbuilt, time.perf_counter() - t, nread, len(todo) - nbuilt)
-    return out
+    if not quiet:
+        log.info("indexed %d shard(s) in %.2f s, %d header bytes read (%d found built by another process)",
+                 stats["built"], time.perf_counter() - t, stats["read"], len(which) - stats["built"])
+    return stats

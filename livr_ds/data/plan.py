@@ -1,6 +1,6 @@
 """The epoch plan: which sample sits at each position of an epoch, and which rank gets which.
 
-A pure function of (seed, epoch, shuffle settings, sources); see reader.py's docstring.
+A pure function of (seed, epoch, shuffle settings, sources); see loader.py's docstring.
 """
 
 from __future__ import annotations

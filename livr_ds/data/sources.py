@@ -2,7 +2,7 @@
 
 ``ShardSource(path, weight=1.0, split="train").resolve()`` -> the shard list with sample counts
 (from manifest.json, else from the shards' indexes, built if needed by one scan of the tar
-headers, logged and cached). See reader.py for how the
+headers, logged and cached). See loader.py for how the
 loader uses them.
 """
 

@@ -32,7 +32,8 @@ from .modes import EvalMode, get_mode
 from ..modeling import merged_latent_rows
 from ..data.collate import LivrCollator, SampleRefused
 from ..data.schema import DataError
-from ..data.reader import LivrLoader, ShardSource
+from ..data.loader import LivrLoader
+from ..data.sources import ShardSource
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, 
     from . import probes
     if max_samples < 0:
         raise ValueError(f"max_samples {max_samples}: must be >= 0 (0 = the whole split)")
-    from ..data.reader import dist_rank_world
+    from ..data.loader import dist_rank_world
 
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")

@@ -39,9 +39,9 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
+
+from . import pipeline
 
 MODES_WITH_LATENTS = ("standard", "no_latents", "bottleneck", "bottleneck_no_latents")
 CHANCE = 25.0  # 4-way, answers exactly balanced
@@ -54,12 +54,8 @@ RUNS = (
 )
 
 
-def repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    root = repo_root()
+    root = pipeline.repo_root()
     p.add_argument("--out", required=True, help="output directory (data, runs, results, table.md, proof.json)")
     p.add_argument("--config", default=os.path.join(root, "configs", "experiments", "bottleneck_proof.yaml"))
     p.add_argument("--stage1-steps", type=int, default=400, help="S1: LIVR's Stage 1 (bottleneck) steps (default 400)")
@@ -84,20 +80,6 @@ def _params(args) -> dict:
             "config": os.path.abspath(args.config)}
 
 
-def _same(path: str, params: dict) -> bool:
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return json.load(f) == params
-
-
-def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-
-
 def make_data(out: str, args) -> str:
     """Train: S1 * batch fresh samples (one pass = LIVR's Stage 1); val/test held out."""
     from . import synthetic
@@ -106,37 +88,16 @@ def make_data(out: str, args) -> str:
     params = {"n_train": args.stage1_steps * args.batch, "n_val": args.n_val, "n_test": args.n_test, "seed": args.seed,
               "task": synthetic.TASK}
     stamp = os.path.join(data, "experiment_data.json")
-    if not args.force and _same(stamp, params):
+    if not args.force and pipeline.same_params(stamp, params):
         return data
     shutil.rmtree(data, ignore_errors=True)
     synthetic.write_task(data, params["n_train"], args.n_val, args.n_test, seed=args.seed)
-    _write_json(stamp, params)
+    pipeline.write_json(stamp, params)
     return data
 
 
-def _log_tail(path: str, n: int = 4000) -> str:
-    with open(path, errors="replace") as f:
-        return f.read()[-n:]
-
-
-def _train(args, out: str, run: str, stage: str, sets: list[str], extra: list[str], log_path: str) -> None:
-    root = repo_root()
-    script = os.path.join(root, "launch", "train.py")
-    if not os.path.exists(script):
-        raise FileNotFoundError(f"{script} not found: the experiment runs the repository's launch/train.py")
-    cmd = [sys.executable, script, "--ds", os.path.join(root, "ds_configs", "zero2.json"), "--config", args.config,
-           "--stage", stage, *extra]
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("MASTER_PORT", str(29000 + os.getpid() % 500))
-    with open(log_path, "a") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        r = subprocess.run(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"training {run} (stage {stage}) failed with exit code {r.returncode}; "
-                           f"log {log_path}:\n{_log_tail(log_path)}")
+def _train(args, run: str, stage: str, sets: list[str], extra: list[str], log_path: str) -> None:
+    pipeline.train(args.config, stage, sets, extra, log_path, run)
 
 
 def _data_weight(steps: int, args) -> float:
@@ -151,7 +112,7 @@ def train_run(args, out: str, data: str, run: str, k: int, two_stage: bool) -> t
     params = {**_params(args), "run": run, "k": k, "two_stage": two_stage}
     stamp = os.path.join(run_dir, "experiment_run.json")
     stage2 = os.path.join(run_dir, "stage2")
-    if not args.force and _same(stamp, params) and os.path.exists(os.path.join(stage2, "DONE")):
+    if not args.force and pipeline.same_params(stamp, params) and os.path.exists(os.path.join(stage2, "DONE")):
         return stage2, 0.0
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
@@ -173,13 +134,13 @@ def train_run(args, out: str, data: str, run: str, k: int, two_stage: bool) -> t
     log_path = os.path.join(run_dir, "train.log")
     if two_stage:
         common.append("schedule.stage1_epochs=1")
-        _train(args, out, run, "1", common + stage_sets(args.stage1_steps), [], log_path)
+        _train(args, run, "1", common + stage_sets(args.stage1_steps), [], log_path)
         init = os.path.join(run_dir, "stage1", "export", "final")
-        _train(args, out, run, "2", common + stage_sets(args.stage2_steps), ["--init-from", init], log_path)
+        _train(args, run, "2", common + stage_sets(args.stage2_steps), ["--init-from", init], log_path)
     else:  # Stage 2 only (standard mask), as long as both LIVR stages together
         common.append("schedule.stage1_epochs=0")
-        _train(args, out, run, "2", common + stage_sets(args.stage1_steps + args.stage2_steps), [], log_path)
-    _write_json(stamp, params)
+        _train(args, run, "2", common + stage_sets(args.stage1_steps + args.stage2_steps), [], log_path)
+    pipeline.write_json(stamp, params)
     return stage2, time.time() - started
 
 
@@ -189,19 +150,10 @@ FORCED = "forced choice"
 def eval_run(stage2: str, data: str, results_dir: str, run: str, name: str, mode: str, n_test: int,
              scoring: str, probe: bool, probe_images: int) -> tuple[str, dict]:
     """One evaluation through launch/eval.py's argument parser and code (in this process)."""
-    from ..evaluation.cli import add_eval_arguments
-    from ..evaluation.cli import run as run_eval
-
-    p = argparse.ArgumentParser()
-    add_eval_arguments(p)
     stem = f"{run}.{mode}" + ("" if scoring == "generate" else f".{scoring}")
     out = os.path.join(results_dir, f"{stem}.json")
-    argv = ["--ckpt", stage2, "--which", "final", "--data", data, "--split", "test", "--mode", mode, "--out", out,
-            "--name", name if scoring == "generate" else f"{name} [{FORCED}]", "--scoring", scoring,
-            "--batch-size", "50", "--max-new-tokens", "6", "--max-samples", str(n_test)]
-    if probe:
-        argv += ["--probe", "attention", "--probe-images", str(probe_images)]
-    return out, run_eval(p.parse_args(argv))
+    return out, pipeline.evaluate(stage2, data, out, name if scoring == "generate" else f"{name} [{FORCED}]", mode,
+                                  n_test, scoring, probe, probe_images)
 
 
 def band(n: int) -> float:
@@ -283,7 +235,7 @@ def run_experiment(args) -> dict:
     }
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(render(summary, task_md, mode_md))
-    _write_json(os.path.join(out, "proof.json"), summary)
+    pipeline.write_json(os.path.join(out, "proof.json"), summary)
     return summary
 
 
@@ -328,19 +280,17 @@ def run_cmd(args) -> int:
     started = time.time()
     summary = run_experiment(args)
     summary["timings"]["total_s"] = round(time.time() - started, 1)
-    _write_json(os.path.join(os.path.abspath(args.out), "proof.json"), summary)
+    pipeline.write_json(os.path.join(os.path.abspath(args.out), "proof.json"), summary)
     with open(os.path.join(os.path.abspath(args.out), "table.md")) as f:
         print(f.read())
     print(f"total {summary['timings']['total_s']:.0f} s; finding shown: {summary['checks']['finding_shown']}")
     return 0
 
 
-def add_experiment_command(subparsers) -> None:
+def add_command(experiments) -> None:
     """`livr-ds experiment bottleneck-proof` (argparse set-up only: the heavy imports are deferred)."""
-    p = subparsers.add_parser("experiment", help="run a built-in experiment end to end")
-    exp = p.add_subparsers(dest="experiment", required=True)
-    b = exp.add_parser("bottleneck-proof", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="tiny VLM from scratch: LIVR vs latents-only vs Direct SFT under the test-time bottleneck",
-                       description=__doc__)
+    b = experiments.add_parser("bottleneck-proof", formatter_class=argparse.RawDescriptionHelpFormatter,
+                               help="tiny VLM from scratch: LIVR vs latents-only vs Direct SFT under the test-time "
+                                    "bottleneck", description=__doc__)
     add_arguments(b)
     b.set_defaults(func=run_cmd)

@@ -61,6 +61,7 @@ class Run:
     path: str
     stages: list[Stage]
     results: list[dict] = field(default_factory=list)  # table.load_results records
+    analyses: list[dict] = field(default_factory=list)  # `livr-ds analyze latents` analysis.json, "_path" added
 
     @property
     def family(self) -> str | None:
@@ -162,6 +163,19 @@ def find_results(run_dir: str) -> list[str]:
     return paths
 
 
+def find_analyses(run_dir: str) -> list[dict]:
+    """The analysis.json files (`livr-ds analyze latents --out`) under the run directory, outside
+    checkpoints, exports, wandb, logs and reports; each with its path as "_path"."""
+    found = []
+    for root, dirs, files in os.walk(run_dir):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(".") and ".replaced-" not in d)
+        if "analysis.json" in files:
+            data = _read_json(os.path.join(root, "analysis.json"))
+            if data is not None and data.get("kind") == "latent_analysis" and isinstance(data.get("modes"), dict):
+                found.append({**data, "_path": os.path.join(root, "analysis.json")})
+    return found
+
+
 def load_run(run_dir: str, name: str | None = None, stages: list[int] | None = None) -> Run:
     """The run in run_dir (output.dir or one stage dir); `stages` keeps only those stage numbers."""
     if not os.path.isdir(run_dir):
@@ -174,6 +188,7 @@ def load_run(run_dir: str, name: str | None = None, stages: list[int] | None = N
     paths = find_results(run_dir)
     run = Run(name=name or os.path.basename(os.path.abspath(run_dir)), path=run_dir, stages=stages)
     run.results = load_results(paths) if paths else []
+    run.analyses = find_analyses(run_dir)
     return run
 
 

@@ -126,3 +126,23 @@ def config_blocks(run: Run) -> list[tuple[str, str, str]]:
         out.append((f"{run.name}: stage {s.num}, the differences from stage {first.num}", "diff",
                     diff or "(identical)\n"))
     return out
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def analysis_table(analysis: dict) -> str:
+    """One `livr-ds analyze latents` result: per mode, accuracy (%) with each latent intervention
+    (Wilson 95% interval), the swap outcomes and the linear probe's held-out accuracy."""
+    lines = ["| mode | n | own latents | zeroed | mean | noise | swap: follow donor | follow recipient | neither "
+             "| probe (majority) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in analysis.get("modes", {}).items():
+        acc = [f"{_pct(a.get('accuracy'))} [{_pct(a['ci95'][0])}, {_pct(a['ci95'][1])}]"
+               for a in (m["accuracy"].get(k, {"accuracy": None, "ci95": [None, None]})
+                         for k in ("none", "zeroed", "mean", "noise"))]
+        sw, pr = m.get("swap", {}), m.get("probe", {})
+        probe = f"{_pct(pr.get('accuracy'))} ({_pct(pr.get('majority_baseline'))})"
+        lines.append(f"| {name} | {m.get('n', '?')} | " + " | ".join(acc) + f" | {_pct(sw.get('follow_donor'))} | "
+                     f"{_pct(sw.get('follow_recipient'))} | {_pct(sw.get('neither'))} (n={sw.get('n', 0)}) | {probe} |")
+    return "\n".join(lines)

@@ -31,7 +31,7 @@ import shutil
 from .document import Caption, Code, Gallery, Heading, Image, Table, to_html, to_markdown
 from .plots import plot_throughput, plot_training, plot_validation, run_title
 from .run import Run, load_run
-from .tables import config_blocks, results_tables, runs_table, validation_table
+from .tables import analysis_table, config_blocks, results_tables, runs_table, validation_table
 
 MAX_PROBES_PER_RESULT = 8
 
@@ -70,6 +70,31 @@ def _copy_probes(runs: list[Run], out_dir: str) -> list[tuple[str, list[str]]]:
     return found
 
 
+ANALYSIS_CAPTION = (
+    "`livr-ds analyze latents` (docs/analysis.md): accuracy (%) with the latents' own states, zeroed, the mean "
+    "over samples, or norm-matched noise, [Wilson 95% interval]; what a recipient's answer follows when decoded "
+    "with a donor's latent states; the held-out accuracy of a linear probe from the latents to the gold answer "
+    "(majority-class baseline).")
+
+
+def _analysis_blocks(runs: list[Run], out_dir: str) -> list:
+    """A section per analysis.json under the runs (its sensitivity.png copied under out_dir/analysis/)."""
+    blocks = []
+    for run in runs:
+        for i, a in enumerate(run.analyses):
+            if not blocks:
+                blocks.append(Heading("Latent analysis"))
+            blocks += [Caption(f"{run.name}: `{a['_path']}`. " + ANALYSIS_CAPTION), Table(analysis_table(a))]
+            png = os.path.join(os.path.dirname(a["_path"]), "sensitivity.png")
+            if os.path.isfile(png):
+                rel = os.path.join("analysis", f"{_safe(run.name)}-{i}-sensitivity.png")
+                os.makedirs(os.path.join(out_dir, "analysis"), exist_ok=True)
+                shutil.copyfile(png, os.path.join(out_dir, rel))
+                blocks += [Caption("Cosine similarity of latent states per layer: across samples, and between "
+                                   "each image and a noisy copy."), Image(rel, "latent sensitivity")]
+    return blocks
+
+
 VALIDATION_CAPTION = (
     "Validation accuracy (%) of each stage's checkpoints: `best` = export/best (highest validation accuracy, the "
     "paper's single-task rule), `final` = export/final (last epoch, the paper's multi-task rule), `latest` = the "
@@ -105,6 +130,7 @@ def write_report(run_dirs: list[str], out_dir: str) -> dict:
             doc += [Caption("Mean accuracy by evaluation mode:"), Table(by_mode)]
     for label, rels in probes:
         doc += [Heading(f"Latent -> image attention heat maps: {label}", 3), Gallery([Image(r, r) for r in rels])]
+    doc += _analysis_blocks(runs, out_dir)
     doc.append(Heading("Resolved config"))
     for run in runs:
         for heading, language, text in config_blocks(run):

@@ -19,6 +19,7 @@ Per-GPU memory, W = gpus x nodes ranks, b = bytes of model.dtype, P frozen + T t
   grads        T b (full 16-bit grads while backward runs; ZeRO-2 reduces them into partitions)
   optimizer    fp32 master + Adam m + v = 12 T / W on the GPU, 0 with the optimizer on CPU
   activations  see activation_bytes
+  mask         see attention_mask_bytes (the larger of the two stages' masks)
 """
 
 from __future__ import annotations
@@ -152,6 +153,46 @@ def activation_bytes(s: Shapes, *, tokens: int, micro_batch: int = 1, checkpoint
     return (total, parts) if detail else total
 
 
+def attention_mask_bytes(backend: str, *, tokens: int, micro_batch: int = 1, dtype_bytes: int = 2) -> dict:
+    """What one micro-batch's attention mask costs on `backend` (livr_ds/segments.py), bytes.
+
+    held:  kept from the forward to the backward. sdpa: the (B, 1, L, L) bool mask (1 byte per
+           entry; sdpa saves it for its backward); eager: that plus the additive copy in the model
+           dtype; flex: the compiled BlockMask's block tables (kv/q x partial/full: four int32
+           (B, 1, n, n) index tables and four (B, 1, n) counts, n = L / 128); flash: the (B, L)
+           padding mask only.
+    build: transient, before the forward. The dense rule is evaluated on L x L broadcasts: the
+           int64 policy-table index (8 bytes per entry) beside the bool result, 9 bytes per entry
+           (measured: 2.42 GB at L = 16384, `livr-ds bench --only mask`); the compiled BlockMask
+           builder fuses the rule into its per-block reduction (measured: nothing L x L).
+    """
+    from ..segments import FLEX_BLOCK
+
+    B, L = micro_batch, tokens
+    dense = B * L * L
+    if backend in ("sdpa", "eager"):
+        held = dense * (1 + (dtype_bytes if backend == "eager" else 0))
+        return {"held": held, "build": dense * 9}
+    if backend == "flex":
+        n = -(-L // FLEX_BLOCK)
+        tables = 4 * 4 * B * n * n + 4 * 4 * B * n
+        return {"held": tables, "build": tables}
+    return {"held": 8 * B * L, "build": 8 * B * L}  # flash: the padding mask
+
+
+def planned_backends(cfg) -> dict[int, str]:
+    """The attention backend each stage would run on a CUDA node with this environment's kernels
+    (an explicit model.attn_backend is taken as installed there): modeling.pick_backend's table."""
+    import torch
+
+    from ..modeling import installed_kernels, pick_backend
+
+    kernels = installed_kernels() | ({cfg.model.attn_backend} - {"auto", "sdpa", "eager"})
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    return {stage: pick_backend(cfg.model.attn_backend, cfg.policy(stage), cfg.data.packing,
+                                torch.device("cuda"), dtype, kernels)[0] for stage in (1, 2)}
+
+
 def plan(cfg, gpus: int, nodes: int = 1, gpu_mem_gib: float = 80.0, answer_tokens: int = 32,
          image_tokens: int | None = None, shapes: Shapes | None = None) -> dict:
     """Rows per (ZeRO stage, offload) with GiB per GPU, and the recommended DeepSpeed config."""
@@ -165,6 +206,11 @@ def plan(cfg, gpus: int, nodes: int = 1, gpu_mem_gib: float = 80.0, answer_token
                            checkpointing=cfg.model.gradient_checkpointing, dtype_bytes=b,
                            answer_tokens=answer_tokens, image_tokens=image_tokens,
                            lora_dropout=cfg.lora.dropout)
+    backends = planned_backends(cfg)
+    masks = {stage: attention_mask_bytes(backend, tokens=cfg.data.max_tokens, micro_batch=cfg.optim.micro_batch_size,
+                                         dtype_bytes=b) for stage, backend in backends.items()}
+    mask_held = max(m["held"] for m in masks.values())
+    mask_build = max(m["build"] for m in masks.values())
     n_params = s.total_params + s.trainable
     rows = []
     for stage in (2, 3):
@@ -172,16 +218,19 @@ def plan(cfg, gpus: int, nodes: int = 1, gpu_mem_gib: float = 80.0, answer_token
             params = n_params * b if stage == 2 else n_params * b / world + 2 * s.layer_params * b
             grads = s.trainable * b
             optim = 0 if offload else 12 * s.trainable / world
-            total = params + grads + optim + act
+            # The dense mask is built before the forward, when no activation exists yet.
+            total = params + grads + optim + max(act + mask_held, mask_build)
             rows.append({"stage": stage, "offload": offload, "ds_config": DS_CONFIGS[(stage, offload)],
                          "params_gib": params / GIB, "grads_gib": grads / GIB, "optim_gib": optim / GIB,
-                         "activations_gib": act / GIB, "total_gib": total / GIB,
+                         "activations_gib": act / GIB, "mask_gib": mask_held / GIB, "total_gib": total / GIB,
                          "fits": total <= gpu_mem_gib * GIB})
     fitting = [r for r in rows if r["fits"] and r["ds_config"]]
     best = fitting[0] if fitting else None  # order: zero2, zero2_offload, zero3, zero3_offload (cheapest first)
     return {"model": cfg.model.path, "dtype": cfg.model.dtype, "world": world, "gpu_mem_gib": gpu_mem_gib,
             "max_tokens": cfg.data.max_tokens, "micro_batch": cfg.optim.micro_batch_size,
             "gradient_checkpointing": cfg.model.gradient_checkpointing,
+            "attention": {f"stage{st}": {"backend": backends[st], "mask_gib": masks[st]["held"] / GIB,
+                                         "mask_build_gib": masks[st]["build"] / GIB} for st in (1, 2)},
             "params": s.total_params, "vision_params": s.vision_params, "lora_params": s.lora_params,
             "latent_params": s.latent_params, "rows": rows, "recommended": best["ds_config"] if best else None,
             "recommended_stage": best["stage"] if best else None}
@@ -197,12 +246,15 @@ def format_plan(p: dict) -> str:
              f"{'on' if p['gradient_checkpointing'] else 'off'}",
              f"parameters {p['params']:,} (vision {p['vision_params']:,}); trainable: LoRA {p['lora_params']:,} "
              f"+ latent rows {p['latent_params']:,}", "",
-             "| config | params GiB | grads GiB | optimizer GiB | activations GiB | total GiB/GPU | fits |",
-             "|---|---|---|---|---|---|---|"]
+             "attention (on CUDA): " + ", ".join(
+                 f"stage {st[-1]} {a['backend']} (mask {a['mask_gib'] * 1024:.1f} MiB held, "
+                 f"{a['mask_build_gib'] * 1024:.1f} MiB to build)" for st, a in p["attention"].items()), "",
+             "| config | params GiB | grads GiB | optimizer GiB | activations GiB | mask GiB | total GiB/GPU | fits |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         lines.append(f"| {_name(r)} ({r['ds_config'] or 'no config shipped'}) | {r['params_gib']:.2f} | "
                      f"{r['grads_gib']:.3f} | {r['optim_gib']:.3f} | {r['activations_gib']:.2f} | "
-                     f"{r['total_gib']:.2f} | {'yes' if r['fits'] else 'no'} |")
+                     f"{r['mask_gib']:.3f} | {r['total_gib']:.2f} | {'yes' if r['fits'] else 'no'} |")
     lines.append("")
     rec = p["recommended"]
     if rec is None:

@@ -23,12 +23,13 @@ import yaml
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .. import export
+from .. import export, segments
 from ..evaluation import generate
 from ..evaluation.loop import evaluate, gather_accuracy
 from ..config import ConfigError, ExperimentConfig
 from ..data.collate import LivrCollator
-from ..data.reader import LivrLoader, ShardSource
+from ..data.loader import LivrLoader
+from ..data.sources import ShardSource
 from ..data.schema import DataError
 from ..modeling import build_backbone, resolve_model_path
 from ..models import get_adapter
@@ -107,6 +108,7 @@ class Trainer:
         # Data first: a missing or empty shard directory stops the launch before the model loads.
         self.loader = self._loader(cfg.data.train, cfg.data.train_split, cfg.optim.micro_batch_size,
                                    collate_fn=None, shuffle=True)
+        self.loader.index_shards(barrier=dist.barrier)  # missing indexes: each rank builds its share
         for s in cfg.data.val:
             ShardSource(s.path, weight=s.weight, split=cfg.data.val_split).resolve()
         torch.manual_seed(cfg.seed)
@@ -133,7 +135,8 @@ class Trainer:
         self.init_from = export.init_from_export(self.backbone, cfg, init_from) if init_from else None
         self.backbone.model.to(self.device)
         self.collator = LivrCollator(self.backbone.adapter, self.backbone.processor, self.backbone.latent_ids,
-                                     cfg.data.max_tokens, cfg.data.too_long, packing=cfg.data.packing)
+                                     cfg.data.max_tokens, cfg.data.too_long, packing=cfg.data.packing,
+                                     pad_to_multiple=segments.pad_multiple(self.backbone.model.backend))
         self.loader.collate_fn = self.collator
         self.plan = step_plan(cfg, dist.world_size(), len(self.loader), self.epochs)
         log.info("stage %d recipe: %s", cfg.stage, self.plan.describe())

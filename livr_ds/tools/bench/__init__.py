@@ -2,7 +2,8 @@
 
 Benchmarks (each compares two things in the same process, same batch, interleaved repeats):
 - stage:    train-step time, Stage 1 (bottleneck mask) vs Stage 2 (standard), per attention backend
-- mask:     construction time and bytes, dense bool mask vs flex BlockMask, L = 1k, 4k, 16k
+- mask:     construction time and peak memory, dense bool mask vs flex BlockMask (uncompiled and
+            compiled, as training builds it), L = 1k, 4k, 16k
 - packing:  real-token fraction and tokens/s, packed vs padded rows, on the demo multi-task mix
 - loader:   loader samples/s (decode + processor, per worker count) vs what a train step consumes;
             and stream vs indexed shard reads (samples/s, bytes read per sample) on the same shards

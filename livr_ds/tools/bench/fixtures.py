@@ -13,7 +13,8 @@ def tiny_backbone(model_path: str, family: str, backend: str, k: int):
 
 
 def demo_samples(data_dir: str, n: int):
-    from ...data.reader import LivrLoader, ShardSource
+    from ...data.loader import LivrLoader
+    from ...data.sources import ShardSource
 
     loader = LivrLoader([ShardSource(data_dir)], 0, 1, batch_size=n, seed=0)
     return next(iter(loader))

@@ -12,7 +12,8 @@ from .fixtures import tiny_backbone
 
 def bench_loader(model_path, family, data_dir, batch_size=8, batches=12, workers=(0, 1, 2)):
     from ...data.collate import LivrCollator
-    from ...data.reader import LivrLoader, ShardSource
+    from ...data.loader import LivrLoader
+    from ...data.sources import ShardSource
 
     bb = tiny_backbone(model_path, family, "sdpa", 4)
     collator = LivrCollator(bb.adapter, bb.processor, bb.latent_ids)
@@ -44,7 +45,7 @@ def bench_loader_io(world_size=8, rounds=5, n_shards=16, per_shard=64, image_siz
     import numpy as np
     from PIL import Image
 
-    from ...data.reader import LivrLoader
+    from ...data.loader import LivrLoader
     from ...data.writer import write_shards
 
     def samples():

@@ -8,12 +8,17 @@ real engine runs the trainer's micro-step (NLL sum x 1 / the step's answer token
 scale_wrt_gas=False, step() at the boundary) and the gradient the optimizer is handed is read
 (`deepspeed.utils.safe_get_full_grad`, inside step(), before the update). It is compared with
 
-- `vs_exact_sum`: the same bf16 micro-batch gradients (the same model without DeepSpeed) summed
-  in float64: the error the accumulation itself adds;
+- `vs_exact_sum`: the same engine's own gradient of each micro-batch alone (the same config at one
+  micro-batch per step, each loss scaled by the whole step's answer tokens as in the step),
+  summed in float64: the error the accumulation itself adds;
 - `vs_fp32_run`: the same micro-batches through the model built in float32: everything a bf16
-  run differs by, compute included (the floor no accumulation dtype removes).
+  run differs by, compute included (the floor no accumulation dtype removes);
+- `engine_vs_plain_model`: the engine's own micro-batch gradients summed exactly vs the plain
+  model's (no DeepSpeed): how the engine's backward rounds differently from the plain model's.
+  ZeRO-2 computes the plain model's gradient bit for bit; ZeRO-3's forward is bit-identical but
+  its backward is a different bf16 rounding (present at one micro-batch, not an accumulation).
 
-Both as relative L2 error over all trainable tensors (LoRA and the latent rows).
+All as relative L2 error over all trainable tensors (LoRA and the latent rows).
 """
 
 from __future__ import annotations
@@ -50,9 +55,12 @@ def _backbone(cfg):
     return bb
 
 
-def _micro_losses(model, batches):
+def _answer_tokens(batches) -> int:
+    return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+
+def _micro_losses(model, batches, step_tokens: int):
     """The trainer's micro-step losses: each micro-batch's NLL sum over the step's answer tokens."""
-    step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     for batch in batches:
         n = (batch["labels"][:, 1:] != -100).sum()
         yield model(batch, policy="standard") * n / step_tokens
@@ -64,7 +72,7 @@ def _reference(model_path, family, dtype, batches) -> dict[str, torch.Tensor]:
     model = bb.model.train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in params.items()}
-    for loss in _micro_losses(model, batches):
+    for loss in _micro_losses(model, batches, _answer_tokens(batches)):
         for p in params.values():
             p.grad = None
         loss.backward()
@@ -73,7 +81,7 @@ def _reference(model_path, family, dtype, batches) -> dict[str, torch.Tensor]:
     return total
 
 
-def _engine_gradient(model_path, family, ds_name, accum_dtype, batches) -> dict[str, torch.Tensor]:
+def _engine_gradient(model_path, family, ds_name, accum_dtype, batches, step_tokens: int) -> dict[str, torch.Tensor]:
     """The gradient DeepSpeed hands its optimizer at the step boundary, as float64."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
@@ -98,11 +106,20 @@ def _engine_gradient(model_path, family, ds_name, accum_dtype, batches) -> dict[
 
     engine._take_model_step = capture
     engine.train()
-    for loss in _micro_losses(engine, batches):
+    for loss in _micro_losses(engine, batches, step_tokens):
         engine.backward(loss, scale_wrt_gas=False)
     engine.step()
     engine.destroy()
     return seen
+
+
+def _engine_exact_sum(model_path, family, ds_name, batches, step_tokens: int) -> dict[str, torch.Tensor]:
+    """The engine's gradient of each micro-batch alone (one micro-batch per step), summed in float64."""
+    total: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        for n, g in _engine_gradient(model_path, family, ds_name, "fp32", [batch], step_tokens).items():
+            total[n] = total[n] + g if n in total else g
+    return total
 
 
 def _relative_error(got: dict, want: dict) -> float:
@@ -124,18 +141,26 @@ def bench_grad_accum(model_path: str, family: str, data_dir: str, accumulations=
         collate = LivrCollator(bb.adapter, bb.processor, bb.latent_ids, cfg.data.max_tokens)
         samples = demo_samples(data_dir, accumulation)
         batches = [collate([s]) for s in samples]
-        exact = _reference(model_path, family, "bfloat16", batches)
+        plain = _reference(model_path, family, "bfloat16", batches)
         fp32 = _reference(model_path, family, "float32", batches)
+        step_tokens = _answer_tokens(batches)
         for ds_name in configs:
             row = {"ds_config": ds_name, "micro_batches": accumulation}
+            try:
+                exact = _engine_exact_sum(model_path, family, ds_name, batches, step_tokens)
+            except Exception as e:  # a config DeepSpeed refuses is a result, not a crash
+                row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                rows.append(row)
+                continue
             for accum_dtype in ("fp32", "bf16"):
                 try:
-                    got = _engine_gradient(model_path, family, ds_name, accum_dtype, batches)
-                except Exception as e:  # a combination DeepSpeed refuses is a result, not a crash
+                    got = _engine_gradient(model_path, family, ds_name, accum_dtype, batches, step_tokens)
+                except Exception as e:
                     row[f"{accum_dtype}_accum_error"] = f"{type(e).__name__}: {str(e)[:120]}"
                     continue
                 row[f"{accum_dtype}_accum_vs_exact_sum"] = _relative_error(got, exact)
                 row[f"{accum_dtype}_accum_vs_fp32_run"] = _relative_error(got, fp32)
-            row["bf16_compute_floor_vs_fp32_run"] = _relative_error(exact, fp32)
+            row["engine_vs_plain_model"] = _relative_error(exact, plain)
+            row["bf16_compute_floor_vs_fp32_run"] = _relative_error(plain, fp32)
             rows.append(row)
     return rows

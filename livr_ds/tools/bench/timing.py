@@ -43,3 +43,40 @@ def synced(fn):
             torch.cuda.synchronize()
         return out
     return run
+
+
+def peak_memory_growth(fn) -> int:
+    """Bytes the call needed above what the process held before it: the CUDA allocator's peak on
+    a GPU; on CPU the resident set sampled every millisecond by a thread (large tensors are mmap'd
+    and unmapped on free, so the RSS falls back after the call and the peak is the call's own)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    import os
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    before, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], rss()) - before

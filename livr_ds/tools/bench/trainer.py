@@ -22,7 +22,8 @@ def bench_vs_trainer(model_path, family, data_dir, rounds=3, steps=5, batch_size
 
     from ...config import PROJECT_ROOT, load_config
     from ...data.collate import LivrCollator
-    from ...data.reader import LivrLoader, ShardSource
+    from ...data.loader import LivrLoader
+    from ...data.sources import ShardSource
     from ...modeling import build_backbone
     from ...segments import PAD
     from ...train import distributed as dist
