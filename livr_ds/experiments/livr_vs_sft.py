@@ -354,12 +354,7 @@ def render(summary: dict) -> str:
 
 
 def run_cmd(args) -> int:
-    started = time.time()
-    summary = run_experiment(args)
-    summary["timings"]["total_s"] = round(time.time() - started, 1)
-    pipeline.write_json(os.path.join(os.path.abspath(args.out), "results.json"), summary)
-    with open(os.path.join(os.path.abspath(args.out), "table.md")) as f:
-        print(f.read())
+    summary = pipeline.run_and_print(run_experiment, args, "results.json")
     print(f"total {summary['timings']['total_s']:.0f} s")
     return 0
 

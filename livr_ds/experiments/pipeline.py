@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 
 def repo_root() -> str:
@@ -74,3 +75,15 @@ def evaluate(ckpt: str, data: str, out: str, name: str, mode: str, n_test: int, 
     if probe:
         argv += ["--probe", "attention", "--probe-images", str(probe_images)]
     return run_eval(p.parse_args(argv))
+
+
+def run_and_print(run_experiment, args, summary_name: str) -> dict:
+    """Run an experiment, add its total wall time to DIR/summary_name, print DIR/table.md."""
+    started = time.time()
+    summary = run_experiment(args)
+    summary["timings"]["total_s"] = round(time.time() - started, 1)
+    out = os.path.abspath(args.out)
+    write_json(os.path.join(out, summary_name), summary)
+    with open(os.path.join(out, "table.md")) as f:
+        print(f.read())
+    return summary
