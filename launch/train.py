@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         if not os.path.exists(os.path.join(stage_dir(cfg), "DONE")):
             return 0  # interrupted by a signal: resume continues from here
         init_from = stage_dir(cfg)
-    from livr_ds.train import distributed as dist
+    from livr_ds import distributed as dist
 
     if dist.is_main():
         try:

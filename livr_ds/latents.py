@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .train import distributed as dist
+from . import distributed as dist
 
 # PEFT's names for trainable tokens in a saved adapter (peft 0.21, tuners/trainable_tokens):
 # <module path>.token_adapter.trainable_tokens_delta holds the rows' values (not a difference).

@@ -15,7 +15,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "launch")]
 
 import train as launch_train  # noqa: E402  launch/train.py
 
-from livr_ds.train import distributed as dist  # noqa: E402
+from livr_ds import distributed as dist  # noqa: E402
 
 
 def main() -> int:

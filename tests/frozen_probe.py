@@ -14,7 +14,7 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.p
 import torch  # noqa: E402
 
 from livr_ds.modeling import build_backbone  # noqa: E402
-from livr_ds.train import distributed as dist  # noqa: E402
+from livr_ds import distributed as dist  # noqa: E402
 from probe_common import start_trainer  # noqa: E402
 
 

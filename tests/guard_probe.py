@@ -18,7 +18,7 @@ breaking = os.environ["GUARD_PROBE_BREAK"]
 
 import torch  # noqa: E402
 
-from livr_ds.train import distributed as dist  # noqa: E402
+from livr_ds import distributed as dist  # noqa: E402
 from livr_ds.train.guards import FirstStepGuardError  # noqa: E402
 from probe_common import start_trainer  # noqa: E402
 

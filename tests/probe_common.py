@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from livr_ds.config import load_config  # noqa: E402
-from livr_ds.train import distributed as dist  # noqa: E402
+from livr_ds import distributed as dist  # noqa: E402
 from livr_ds.train.trainer import Trainer  # noqa: E402
 
 

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from livr_ds.train import checkpoint  # noqa: E402
-from livr_ds.train import distributed as dist  # noqa: E402
+from livr_ds import distributed as dist  # noqa: E402
 from probe_common import start_trainer  # noqa: E402
 
 

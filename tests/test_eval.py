@@ -18,7 +18,8 @@ import torch
 
 from livr_ds import segments
 from livr_ds.evaluation import cli as eval_cli
-from livr_ds.evaluation import loop, modes, probes, scoring
+from livr_ds import inference
+from livr_ds.evaluation import loop, probes, scoring
 from livr_ds.evaluation.scoring import is_correct, parse_choice, parse_count
 from tests.conftest import ROOT
 
@@ -136,17 +137,17 @@ def test_modes_change_exactly_the_input_and_mask(lora_export, demo):
     hook = model.hf_model.model.register_forward_pre_hook(
         lambda mod, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
     feeds = {}
-    for mode in modes.MODES:
+    for mode in inference.MODES:
         batches.clear()
         masks.clear()
         loop.evaluate(backbone, [demo], mode, batch_size=4, max_new_tokens=2, max_samples=3)
-        batch, policy = batches[0], modes.MODES[mode].policy  # the first prefill: prompt (+ latents) only
+        batch, policy = batches[0], inference.MODES[mode].policy  # the first prefill: prompt (+ latents) only
         feeds[mode] = batch
         # The mask the model was given is exactly the policy's rule on this batch.
         assert torch.equal(masks[0], segments.dense_mask(batch["segment_ids"], batch["doc_ids"], policy))
         assert torch.equal(model.attention_mask(batch, policy), masks[0])
-    assert modes.MODES["bottleneck"].policy == "bottleneck" == modes.MODES["bottleneck_no_latents"].policy
-    assert modes.MODES["standard"].policy == "standard" == modes.MODES["no_latents"].policy
+    assert inference.MODES["bottleneck"].policy == "bottleneck" == inference.MODES["bottleneck_no_latents"].policy
+    assert inference.MODES["standard"].policy == "standard" == inference.MODES["no_latents"].policy
 
     for with_lat, without in (("standard", "no_latents"), ("bottleneck", "bottleneck_no_latents")):
         a, b = feeds[with_lat], feeds[without]
@@ -207,7 +208,7 @@ def test_cached_generation_equals_recompute(tiny_dirs, demo, family, backend):
     calls = []
     tower = backbone.adapter.vision_modules(model.hf_model)[0]
     hook = tower.register_forward_hook(lambda *a: calls.append(1))
-    for name, mode in modes.MODES.items():
+    for name, mode in inference.MODES.items():
         collator = loop.make_collator(backbone, mode, with_answer=False)
         lengths = [len(collator.encode(s).input_ids) for s in samples]
         assert len(set(lengths)) > 1  # right padding is exercised
@@ -272,7 +273,7 @@ def test_cached_decode_masks_follow_the_segment_rule(tiny_dirs, demo):
                                                kwargs["position_ids"])), with_kwargs=True)
     for policy in ("standard", "bottleneck"):
         seen.clear()
-        collator = loop.make_collator(backbone, modes.MODES[policy], with_answer=False)
+        collator = loop.make_collator(backbone, inference.MODES[policy], with_answer=False)
         generate.greedy_ids(model, collator, samples, policy, 3)
         batch = collator.pad([collator.encode(s) for s in samples])
         seg = batch["segment_ids"]
@@ -392,7 +393,7 @@ def test_device_and_dtype_defaults(monkeypatch):
 
 # ---- results files, zero-shot ---------------------------------------------------------------
 def test_zero_shot_results_file_and_provenance(tiny_dirs, demo, tmp_path, monkeypatch):
-    from livr_ds.train import distributed as dist
+    from livr_ds import distributed as dist
 
     def no_process_group(*a, **k):
         raise AssertionError("one process must not initialise torch.distributed")
@@ -453,7 +454,7 @@ def test_likelihood_scoring_is_forced_choice(lora_export, demo, tmp_path):
     assert res["parse_failures"]["per_task"]["localization"] == 0
     assert all("option_loglik" not in r for r in records if r["task"] == "counting")
     backbone = loop.load_model(lora_export)
-    collator = loop.make_collator(backbone, modes.MODES["bottleneck"], with_answer=True)
+    collator = loop.make_collator(backbone, inference.MODES["bottleneck"], with_answer=True)
     sample = next(s for _, ss in loop.iter_samples([demo], "test", 0, 1, 10) for s in ss if s.choices)
     rec = next(r for r in mc if r["key"] == sample.key)
     import dataclasses
@@ -528,7 +529,7 @@ def test_probe_equals_direct_computation(lora_export, demo, tmp_path):
                                   "--probe", "attention", "--probe-images", "2"]))
     backbone = loop.load_model(lora_export, attn_backend="eager")
     model = backbone.model
-    collator = loop.make_collator(backbone, modes.MODES["standard"], with_answer=True)
+    collator = loop.make_collator(backbone, inference.MODES["standard"], with_answer=True)
     samples = [s for _, ss in loop.iter_samples([demo], "test", 0, 1, 5, 5) for s in ss]
     total, count, per_sample = 0.0, 0, []
     for s in samples:
@@ -566,7 +567,7 @@ def test_probe_maps_follow_the_mask(lora_export, demo):
     """Latent->image maps sit on each image's token grid; under the bottleneck the answer
     puts no attention on image tokens, the latents do."""
     backbone = loop.load_model(lora_export, attn_backend="eager")
-    collator = loop.make_collator(backbone, modes.MODES["bottleneck"], with_answer=True)
+    collator = loop.make_collator(backbone, inference.MODES["bottleneck"], with_answer=True)
     samples = [s for _, ss in loop.iter_samples([demo], "test", 0, 1, 2, 2) for s in ss]
     batch = collator(samples)
     attn = torch.stack(probes.attention_weights(backbone.model, batch, "bottleneck"))

@@ -12,7 +12,7 @@ import torch
 
 from livr_ds.evaluation import generate, latent_states as ls, loop
 from livr_ds.evaluation.latent_analysis import perturb_images, proportion, wilson_interval
-from livr_ds.evaluation.modes import get_mode
+from livr_ds.inference import get_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 4

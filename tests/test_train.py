@@ -619,18 +619,18 @@ def test_global_batch_is_the_recipe_at_every_world_size():
 
 
 def test_collectives_use_the_device_their_backend_needs():
-    from livr_ds.train import distributed as dist
+    from livr_ds import distributed as dist
 
     assert dist.collective_device("nccl") == torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     assert dist.collective_device("gloo") == torch.device("cpu")
     assert dist.collective_device("cpu:gloo,cuda:nccl") == torch.device("cpu")
     # Without a process group the helpers answer locally (single-process evaluation, tools).
     assert dist.all_sum([1.0, 2.0]) == [1.0, 2.0] and dist.any_rank(True) is True
-    # Every collective livr-ds issues goes through train/distributed.py: nothing else imports
+    # Every collective livr-ds issues goes through livr_ds/distributed.py: nothing else imports
     # torch.distributed under a name or calls a collective on it directly.
     import re as _re
 
-    helper = os.path.join(ROOT, "livr_ds", "train", "distributed.py")
+    helper = os.path.join(ROOT, "livr_ds", "distributed.py")
     direct = _re.compile(r"import torch\.distributed as|from torch\.distributed import|"
                          r"torch\.distributed\.(all_reduce|all_gather\w*|broadcast\w*|reduce\w*|gather\w*|scatter\w*)\(")
     offenders = []

@@ -3,19 +3,10 @@ letter label placed where it covers no marker and no other label."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from PIL import Image, ImageDraw
 
-from PIL import Image, ImageDraw, ImageFont
-
+from ..data.images import font
 from .geometry import overlap_area
-
-
-@lru_cache(maxsize=32)
-def font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # FreeType build: a scalable font
-    except Exception:  # pragma: no cover - PIL without FreeType
-        return ImageFont.load_default()
 
 
 def marker_sizes(im: Image.Image) -> tuple[int, int, int]:

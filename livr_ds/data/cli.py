@@ -62,7 +62,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from ..builders.show import show
+    from .show import show
 
     print(show(args.dir, args.out, n=args.n, split=args.split))
     return 0

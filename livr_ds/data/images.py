@@ -26,9 +26,10 @@ import io
 import math
 import os
 import warnings
+from functools import lru_cache
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageFont
 
 from .schema import DataError
 
@@ -129,3 +130,12 @@ def pixel_hash(img: Image.Image) -> str:
     h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()
+
+
+@lru_cache(maxsize=32)
+def font(size: int) -> ImageFont.ImageFont:
+    """The font labels are drawn in (builders' markers, `livr-ds shards show`), `size` pixels high."""
+    try:
+        return ImageFont.load_default(size=size)  # FreeType build: a scalable font
+    except Exception:  # pragma: no cover - PIL without FreeType
+        return ImageFont.load_default()

@@ -22,10 +22,9 @@ import time
 
 import torch
 
-from . import generate
 from .loop import (DEFAULT_MAX_TOKENS, SCORINGS, default_max_tokens, evaluate, gather_records, load_model,
                    resolve_device, resolve_dtype)
-from .modes import MODES, EvalMode, get_mode
+from ..inference import DEFAULT_MAX_NEW_TOKENS, MODES, EvalMode, get_mode
 from .scoring import accuracy_by_task, parse_failures
 from .provenance import checkpoint_provenance, data_provenance, git_state, pixel_budget
 
@@ -79,7 +78,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="generate: greedy answers, parsed (default, the paper's protocol); likelihood: forced "
                         "choice, the option whose answer has the highest log-likelihood (multiple choice only)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per rank per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=generate.DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--max-samples", type=int, default=0, help="a fixed mixed subset: the first N of a seeded shuffle of the split, the same at any world size (0 = all)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="refuse longer samples (answers are never cut); default: the export's max_tokens from "
@@ -104,7 +103,7 @@ def _distributed_env() -> bool:
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as the arguments say; rank 0 writes the files. Returns the results on every rank."""
     from . import probes
-    from ..train import distributed as dist
+    from .. import distributed as dist
 
     if args.mode not in MODES:
         raise ValueError(f"unknown eval mode {args.mode!r}; choose one of {', '.join(MODES)}")

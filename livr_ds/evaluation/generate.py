@@ -34,7 +34,8 @@ import dataclasses
 import torch
 
 from .. import segments
-from ..train import distributed as dist
+from .. import distributed as dist
+from ..inference import DEFAULT_MAX_NEW_TOKENS, banned_token_ids
 
 
 def to_device(batch: dict, device) -> dict:
@@ -48,20 +49,6 @@ def unwrap(model):
     while not isinstance(model, LivrModel) and isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model
-
-
-# `livr-ds eval`'s answer budget; exports' generation_config.json carries the same default.
-DEFAULT_MAX_NEW_TOKENS = 8
-
-
-def banned_token_ids(tokenizer, latent_ids, eos_id: int, vocab_rows: int | None = None) -> list[int]:
-    """Latents are never generated, nor image/video placeholders or any other special token
-    (an image token in the answer would make the model look for an image that is not there),
-    nor the rows beyond the tokenizer that released Qwen tables carry (151,936 rows for about
-    151,665 tokens): they decode to nothing and were never trained. Exports suppress the same ids
-    in their generation_config.json, so stock `generate` decodes as `livr-ds eval` does."""
-    spare = set(range(len(tokenizer), vocab_rows)) if vocab_rows else set()
-    return sorted((set(latent_ids) | set(tokenizer.all_special_ids) | spare) - {eos_id})
 
 
 def banned_ids(collator, vocab_rows: int | None = None) -> list[int]:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import latent_states as ls
-from .modes import MODES, get_mode
+from ..inference import DEFAULT_MAX_NEW_TOKENS, MODES, get_mode
 from .scoring import is_correct, parse_choice, parse_count
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ def add_analyze_command(subparsers) -> None:
     q.add_argument("--mode", nargs="+", default=list(ANALYSIS_MODES), choices=list(ANALYSIS_MODES))
     q.add_argument("--max-samples", type=int, default=64, help="the first N of a seeded shuffle of the split")
     q.add_argument("--seed", type=int, default=0, help="sample subset, swap donors, noise, probe split")
-    q.add_argument("--max-new-tokens", type=int, default=ls.generate.DEFAULT_MAX_NEW_TOKENS)
+    q.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     q.add_argument("--pixel-noise", type=float, default=0.03, help="std of the image perturbation (pixels in [0, 1])")
     q.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])

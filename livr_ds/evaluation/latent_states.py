@@ -34,6 +34,7 @@ import torch
 
 from .. import segments
 from . import generate
+from ..inference import DEFAULT_MAX_NEW_TOKENS
 
 
 @dataclasses.dataclass
@@ -118,7 +119,7 @@ def splice(pre: Prefill, states: LatentStates):
 
 @torch.no_grad()
 def decode(model, collator, pre: Prefill, policy: str, states: LatentStates | None = None,
-           max_new_tokens: int = generate.DEFAULT_MAX_NEW_TOKENS, force: list[int] | None = None):
+           max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, force: list[int] | None = None):
     """(generated ids without <eos>, the logits of every step) after pre's prompt, with `states`
     in place of the latents' own (None: the sample's own, the cache untouched but copied).
 

@@ -28,7 +28,7 @@ import torch
 
 from . import generate
 from .scoring import accuracy_by_task, score
-from .modes import EvalMode, get_mode
+from ..inference import DEFAULT_MAX_NEW_TOKENS, EvalMode, get_mode
 from ..modeling import merged_latent_rows
 from ..data.collate import LivrCollator, SampleRefused
 from ..data.schema import DataError
@@ -176,7 +176,7 @@ SCORINGS = ("generate", "likelihood")
 
 
 def evaluate(backbone, data, mode: str | EvalMode, *, split: str | None = None, batch_size: int = 8,
-             max_new_tokens: int = generate.DEFAULT_MAX_NEW_TOKENS, max_samples: int = 0, max_tokens: int | None = None,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_samples: int = 0, max_tokens: int | None = None,
              rank: int | None = None, world_size: int | None = None, probe: str | None = None,
              probe_images: int = 0, probe_dir: str | None = None, num_workers: int = 0,
              scoring: str = "generate", seed: int = 0, on_error: str = "raise",
@@ -318,7 +318,7 @@ def _refused_slot(samples: list, exc: SampleRefused) -> int | None:
 def gather_records(records: list[dict], extra=None) -> tuple[list[dict], list]:
     """Every rank's records in global order (and every rank's `extra`, in rank order). A collective
     when torch.distributed is initialised (call it on every rank); the identity otherwise."""
-    from ..train import distributed as dist
+    from .. import distributed as dist
 
     gathered = dist.gather_objects((records, extra))
     out = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])

@@ -16,11 +16,9 @@ import re
 
 import yaml
 
-from ..evaluation.modes import MODES
-from ..report.run import read_metrics
+from ..inference import MODES
 from .serving import LATENT_SWITCH
 
-VAL_PREFIX = "val_"
 
 
 # ---- what a run records -----------------------------------------------------------------------
@@ -36,15 +34,6 @@ def _source_counts(path: str, split: str) -> dict:
     return entry
 
 
-def validation_history(metrics_path: str, stage: int) -> list[dict]:
-    """Every validation of `stage` in metrics.jsonl, by epoch: {epoch, step, mean, per_task}. Read
-    as `livr-ds report` reads it (report/run.py: one row per epoch, a half-written line skipped)."""
-    _, rows, _ = read_metrics(metrics_path)
-    return [{"epoch": r["epoch"], "step": r["step"], "mean": r["val_accuracy"],
-             "per_task": {k[len(VAL_PREFIX):]: v for k, v in r.items() if k.startswith(VAL_PREFIX) and k != "val_accuracy"}}
-            for r in rows if r.get("stage") == stage]
-
-
 def best_validation(history: list[dict]) -> dict | None:
     """The first epoch with the highest mean: the one training kept as export/best."""
     best = None
@@ -54,15 +43,14 @@ def best_validation(history: list[dict]) -> dict | None:
     return best
 
 
-def training_record(cfg, stage: int, run_dir: str | None, init_from: str | None) -> dict:
+def training_record(cfg, stage: int, validation: list[dict], init_from: str | None) -> dict:
     """livr.json's `training`: every stage so far (Stage 1's own record comes from the export Stage 2
-    started from), each with its recipe, data and validations."""
+    started from), each with its recipe, data and `validation` (report.run.validation_history)."""
     earlier = []
     if init_from and os.path.isfile(os.path.join(init_from, "livr.json")):
         with open(os.path.join(init_from, "livr.json")) as f:
             earlier = (json.load(f).get("training") or {}).get("stages") or []
     o = cfg.optim
-    history = validation_history(os.path.join(run_dir, "metrics.jsonl"), stage) if run_dir else []
     this = {
         "stage": stage, "mask": cfg.policy(stage), "epochs": cfg.epochs(stage),
         "recipe": {"optimizer": "AdamW", "lr": o.lr, "weight_decay": o.weight_decay, "betas": list(o.betas),
@@ -71,7 +59,7 @@ def training_record(cfg, stage: int, run_dir: str | None, init_from: str | None)
                    "dtype": cfg.model.dtype, "deepspeed": os.path.basename(cfg.deepspeed), "seed": cfg.seed},
         "train_data": [_source_counts(s.path, cfg.data.train_split) for s in cfg.data.train],
         "val_data": [_source_counts(s.path, cfg.data.val_split) for s in cfg.data.val],
-        "validation": history,
+        "validation": validation,
         "init_from": init_from,
     }
     return {"experiment": cfg.name, "stages": [s for s in earlier if s.get("stage") != stage] + [this]}

@@ -10,7 +10,7 @@ import shutil
 
 from ..atomic import replace_dir, write_json_atomic
 from ..latents import full_shape
-from ..train import distributed as dist
+from .. import distributed as dist
 from .card import render_card, training_record
 from .metadata import livr_metadata
 from .serving import write_serving_files
@@ -20,11 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def save_export(backbone, cfg, stage: int, out_dir: str, extra: dict | None = None, *,
-                run_dir: str | None = None, init_from: str | None = None) -> str | None:
+                validation: list[dict] | None = None, init_from: str | None = None) -> str | None:
     """Collective (every rank calls it: ZeRO-3 gathers the trainable shards); rank 0 writes.
 
-    `run_dir`: the stage's run directory, whose metrics.jsonl the card's validation tables come
-    from; `init_from`: the Stage 1 export this stage started from (its record joins the card)."""
+    `validation`: the stage's validations so far (report.run.validation_history), for livr.json
+    and the card's tables; `init_from`: the Stage 1 export this stage started from (its record joins the card)."""
     model = backbone.model
     if not is_peft(model.peft_model):
         # A full fine-tune is a whole transformers checkpoint (ZeRO-3 is refused for it at start-up).
@@ -50,7 +50,7 @@ def save_export(backbone, cfg, stage: int, out_dir: str, extra: dict | None = No
         shutil.copy(src_proc, tmp)
     write_serving_files(tmp, processor, backbone.latent_ids, vocab_rows)
     meta = {**livr_metadata(cfg, backbone, stage), **(extra or {}),
-            "training": training_record(cfg, stage, run_dir, init_from)}
+            "training": training_record(cfg, stage, validation or [], init_from)}
     write_json_atomic(os.path.join(tmp, "livr.json"), meta)
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(render_card(meta))

@@ -23,7 +23,7 @@ import os
 
 from transformers import GenerationConfig
 
-from ..evaluation import generate
+from ..inference import DEFAULT_MAX_NEW_TOKENS, banned_token_ids
 
 # The template variable that turns the latents off (`apply_chat_template(..., add_latents=False)`;
 # vLLM: `chat_template_kwargs={"add_latents": false}`).
@@ -61,9 +61,9 @@ def generation_config(tokenizer, latent_ids: list[int], vocab_rows: int) -> Gene
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=generate.DEFAULT_MAX_NEW_TOKENS, repetition_penalty=1.0,
+        do_sample=False, num_beams=1, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, repetition_penalty=1.0,
         eos_token_id=eos, pad_token_id=pad,
-        suppress_tokens=generate.banned_token_ids(tokenizer, latent_ids, eos, vocab_rows),
+        suppress_tokens=banned_token_ids(tokenizer, latent_ids, eos, vocab_rows),
     )
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from ..config import ConfigError
 from ..latents import peft_rows_key, split_adapter_tensors
 from ..modeling import LivrModel
-from ..train import distributed as dist
+from .. import distributed as dist
 
 
 def is_peft(model) -> bool:

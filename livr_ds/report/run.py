@@ -98,6 +98,19 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict], int]:
     return train, [val[e] for e in sorted(val)], bad
 
 
+VAL_PREFIX = "val_"
+
+
+def validation_history(metrics_path: str, stage: int) -> list[dict]:
+    """Every validation of `stage` in metrics.jsonl, by epoch: {epoch, step, mean, per_task}, as
+    read_metrics reads them (one row per epoch, a half-written line skipped). Exports' livr.json
+    and model cards carry it."""
+    _, rows, _ = read_metrics(metrics_path)
+    return [{"epoch": r["epoch"], "step": r["step"], "mean": r["val_accuracy"],
+             "per_task": {k[len(VAL_PREFIX):]: v for k, v in r.items() if k.startswith(VAL_PREFIX) and k != "val_accuracy"}}
+            for r in rows if r.get("stage") == stage]
+
+
 def _read_json(path: str) -> dict | None:
     try:
         with open(path) as f:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import replace_dir, write_json_atomic
 from ..latents import full_shape
-from . import distributed as dist
+from .. import distributed as dist
 from .faults import fault_point
 
 log = logging.getLogger(__name__)

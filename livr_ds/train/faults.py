@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 
-from . import distributed as dist
+from .. import distributed as dist
 
 log = logging.getLogger(__name__)
 

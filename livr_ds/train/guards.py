@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from . import distributed as dist
+from .. import distributed as dist
 from .faults import nan_gradient_step
 
 log = logging.getLogger(__name__)

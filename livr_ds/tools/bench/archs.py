@@ -140,7 +140,7 @@ def bench_eval(model_path: str, family: str, data_dir: str, repeats: int = 3, im
     from ...evaluation import generate
     from ...config import load_config
     from ...data.collate import LivrCollator
-    from ...evaluation.modes import get_mode
+    from ...inference import get_mode
     from ...modeling import build_backbone
 
     cuda = torch.cuda.is_available()

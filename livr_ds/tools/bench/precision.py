@@ -131,7 +131,7 @@ def _relative_error(got: dict, want: dict) -> float:
 def bench_grad_accum(model_path: str, family: str, data_dir: str, accumulations=(8, 32),
                      configs=ZERO_CONFIGS) -> list[dict]:
     from ...data.collate import LivrCollator
-    from ...train import distributed as dist
+    from ... import distributed as dist
 
     dist.init("cpu")
     rows = []

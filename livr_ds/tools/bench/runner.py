@@ -10,7 +10,7 @@ import tempfile
 
 import torch
 
-from ...train import distributed as dist
+from ... import distributed as dist
 from .archs import bench_arch, bench_eval
 from .loader import bench_loader, bench_loader_io
 from .masks import bench_mask

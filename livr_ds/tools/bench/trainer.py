@@ -26,7 +26,7 @@ def bench_vs_trainer(model_path, family, data_dir, rounds=3, steps=5, batch_size
     from ...data.sources import ShardSource
     from ...modeling import build_backbone
     from ...segments import PAD
-    from ...train import distributed as dist
+    from ... import distributed as dist
     from ...train.ds_config import build_ds_config
 
     dist.init("cpu")

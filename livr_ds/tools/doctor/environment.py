@@ -87,7 +87,7 @@ class EnvironmentChecks(Findings):
         torch = self.torch
         if torch is None:
             return
-        dist = torch.distributed  # capability queries only; collectives go through train/distributed.py
+        dist = torch.distributed  # capability queries only; collectives go through livr_ds/distributed.py
 
         if not dist.is_available():
             self.add("FAIL", "torch.distributed", "this torch has no torch.distributed",

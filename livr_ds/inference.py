@@ -1,4 +1,10 @@
-"""The evaluation modes: the paper's test-time variants (Section 5), each an input and a mask.
+"""How a LIVR model is asked a question at test time: the mode (which input, which mask) and the
+decoding (greedy, a small answer budget, ids never emitted).
+
+One contract for `livr-ds eval` (evaluation/) and for the serving files of an export (export/:
+generation_config.json, the model card), so that stock transformers decodes as `livr-ds eval` does.
+
+The modes are the paper's test-time variants (Section 5):
 
 | mode                    | input                         | mask       |
 |-------------------------|-------------------------------|------------|
@@ -40,3 +46,17 @@ def get_mode(name: str) -> EvalMode:
     if name not in MODES:
         raise ValueError(f"unknown eval mode {name!r}; choose one of {', '.join(MODES)}")
     return MODES[name]
+
+
+# `livr-ds eval`'s answer budget; exports' generation_config.json carries the same default.
+DEFAULT_MAX_NEW_TOKENS = 8
+
+
+def banned_token_ids(tokenizer, latent_ids, eos_id: int, vocab_rows: int | None = None) -> list[int]:
+    """Latents are never generated, nor image/video placeholders or any other special token
+    (an image token in the answer would make the model look for an image that is not there),
+    nor the rows beyond the tokenizer that released Qwen tables carry (151,936 rows for about
+    151,665 tokens): they decode to nothing and were never trained. Exports suppress the same ids
+    in their generation_config.json, so stock `generate` decodes as `livr-ds eval` does."""
+    spare = set(range(len(tokenizer), vocab_rows)) if vocab_rows else set()
+    return sorted((set(latent_ids) | set(tokenizer.all_special_ids) | spare) - {eos_id})

@@ -13,10 +13,9 @@ import textwrap
 
 from PIL import Image, ImageDraw
 
-from ..data.images import decode_image
-from ..data.manifest import read_manifest
-from ..data.schema import DataError
-from .markers import font
+from .images import decode_image, font
+from .manifest import read_manifest
+from .schema import DataError
 
 ROW_H, PAD, TEXT_W = 240, 8, 560
 
