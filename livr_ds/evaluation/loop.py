@@ -2,7 +2,7 @@
 ranks. One loop for `launch/eval.py` / `livr-ds eval` (livr_ds/evaluation/cli.py: arguments, results
 files, provenance) and for training's validation (`evaluate` + `gather_accuracy`).
 
-Modes: livr_ds/evaluation/modes.py (the paper's test-time variants, each an input and a mask).
+Modes: livr_ds/inference.py (the paper's test-time variants, each an input and a mask).
 
 Exactly once: the loader gives every rank the same number of batches, padding the last global
 batch with repeated samples marked `is_pad`; those are dropped before generation. The global
