@@ -48,6 +48,10 @@ def get_mode(name: str) -> EvalMode:
     return MODES[name]
 
 
+# The chat-template variable of an export's template that turns the latents off
+# (`apply_chat_template(..., add_latents=False)`; vLLM: `chat_template_kwargs={"add_latents": false}`).
+LATENT_SWITCH = "add_latents"
+
 # `livr-ds eval`'s answer budget; exports' generation_config.json carries the same default.
 DEFAULT_MAX_NEW_TOKENS = 8
 

@@ -123,3 +123,30 @@ def test_pack_rows_balances_instead_of_leaving_a_half_empty_row():
     rows = pack_rows(lengths, 1024)
     assert sorted(len(r) for r in rows) == [3, 4, 4] and _padded_fraction(rows, lengths) > 0.9
     assert pack_rows([], 1024) == []
+
+
+def test_prompt_text_passes_the_latent_switch_only_to_a_template_that_has_it(qwen, tiny_dirs):
+    """A base template renders without transformers' per-call warning about unknown keywords; an
+    export's template (which adds the latents itself) gets add_latents=False and adds none."""
+    import copy
+    import logging
+
+    from livr_ds.export import template_with_latents
+
+    adapter, processor = qwen
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        base = adapter.prompt_text(processor, "How many?", 1)
+        exported = copy.deepcopy(processor)
+        exported.chat_template = template_with_latents(processor.chat_template, ["<|latent_0|>", "<|latent_1|>"])
+        served = adapter.prompt_text(exported, "How many?", 1)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [r for r in records if "processor_kwargs" in r.getMessage()], [r.getMessage() for r in records]
+    assert "<|latent_0|>" in exported.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "x"}]}], add_generation_prompt=True, tokenize=False)
+    assert served == base and "<|latent_0|>" not in served

@@ -23,11 +23,8 @@ import os
 
 from transformers import GenerationConfig
 
-from ..inference import DEFAULT_MAX_NEW_TOKENS, banned_token_ids
+from ..inference import DEFAULT_MAX_NEW_TOKENS, LATENT_SWITCH, banned_token_ids
 
-# The template variable that turns the latents off (`apply_chat_template(..., add_latents=False)`;
-# vLLM: `chat_template_kwargs={"add_latents": false}`).
-LATENT_SWITCH = "add_latents"
 _MARK = "{# livr-ds: the K latent tokens follow the generation prompt #}"
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..inference import LATENT_SWITCH
+
 log = logging.getLogger(__name__)
 
 # LoRA goes on the language model's attention and MLP projections, never on the vision tower
@@ -63,11 +65,15 @@ class BackboneAdapter:
     def prompt_text(self, processor, question: str, num_images: int) -> str:
         """The chat-templated user turn with one image placeholder per image, ending with the
         assistant header: the latents follow it (the collator appends their ids), then the answer.
-        `add_latents=False`: an export's template would add the latents itself (export/serving.py);
-        a base template ignores the variable."""
+        `add_latents=False`: an export's template would add the latents itself (export/serving.py)."""
         content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+        # Only a template that knows the switch gets it: transformers hands any other keyword to the
+        # processor and logs a warning per call (one per sample in an evaluation).
+        template = processor.chat_template
+        switch = {LATENT_SWITCH: False} if LATENT_SWITCH in (template if isinstance(template, str)
+                                                             else repr(template)) else {}
         return processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, add_latents=False
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, **switch
         )
 
     def encode_prompt(self, processor, question: str, images: list[Image.Image]) -> EncodedPrompt:
