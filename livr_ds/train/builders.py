@@ -33,22 +33,16 @@ log = logging.getLogger(__name__)
 NO_DECAY = ("latent_rows", "embed_tokens", "norm", "bias")
 
 
-def build_loader(cfg: ExperimentConfig, sources, split: str, batch_size: int, shuffle: bool,
-                 collate_fn=None) -> LivrLoader:
-    return LivrLoader(
-        [ShardSource(s.path, weight=s.weight, split=split) for s in sources],
-        rank=dist.rank(), world_size=dist.world_size(), batch_size=batch_size,
-        num_workers=cfg.data.num_workers, seed=cfg.seed, collate_fn=collate_fn,
-        shuffle=shuffle, on_error=cfg.data.on_error,
-    )
-
-
 def build_train_loader(cfg: ExperimentConfig) -> LivrLoader:
     """The training loader, its shard indexes built (each rank its share), and the validation
     sources checked to exist. Its collate_fn is set once the model (and so the tokenizer) exists."""
     if not cfg.data.train:
         raise ConfigError("data.train is empty: name at least one shard directory")
-    loader = build_loader(cfg, cfg.data.train, cfg.data.train_split, cfg.optim.micro_batch_size, shuffle=True)
+    loader = LivrLoader(
+        [ShardSource(s.path, weight=s.weight, split=cfg.data.train_split) for s in cfg.data.train],
+        rank=dist.rank(), world_size=dist.world_size(), batch_size=cfg.optim.micro_batch_size,
+        num_workers=cfg.data.num_workers, seed=cfg.seed, shuffle=True, on_error=cfg.data.on_error,
+    )
     loader.index_shards(barrier=dist.barrier)
     for s in cfg.data.val:
         ShardSource(s.path, weight=s.weight, split=cfg.data.val_split).resolve()

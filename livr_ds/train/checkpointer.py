@@ -54,9 +54,9 @@ class Checkpointer:
         if path is None:
             log.info("--resume auto: no usable checkpoint in %s, starting fresh", self.root)
             return False
-        problem = ""
+        problem, saved_state = "", {}
         try:
-            checkpoint.check_checkpoint(path)
+            saved_state = checkpoint.check_checkpoint(path)
         except checkpoint.CheckpointError as e:
             problem = str(e)
         problems = dist.gather_objects(problem)
@@ -65,7 +65,7 @@ class Checkpointer:
             raise checkpoint.CheckpointError(
                 f"rank 0 chose {path} to resume from, but {len(bad)} rank(s) cannot read it (rank {bad[0][0]}: "
                 f"{bad[0][1]}); is {self.root} on a filesystem every node sees alike?")
-        self._check_plan(path, checkpoint.check_checkpoint(path))
+        self._check_plan(path, saved_state)
         saved = checkpoint.load_resume(engine, path)
         self.resumed_from = path
         self.resumed_rng = saved.get("rng")

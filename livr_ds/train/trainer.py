@@ -26,8 +26,8 @@ from ..data.schema import DataError
 from ..evaluation import generate
 from ..evaluation.loop import evaluate, gather_accuracy
 from ..report.run import validation_history
-from . import builders, checkpoint
 from .. import distributed as dist
+from . import builders, checkpoint
 from .checkpointer import Checkpointer
 from .ds_config import build_ds_config
 from .faults import fault_point
@@ -77,7 +77,6 @@ class Trainer:
                       "metrics_lines": 0, "bad_samples": 0, "skipped_steps": 0}
         self.checkpointer = Checkpointer(cfg, self.out, self.plan)
         resumed = self.checkpointer.restore(resume, self.engine, self.scheduler, self.loader, self.state)
-        self.resumed_from = self.checkpointer.resumed_from
         if not resumed and dist.is_main():
             self.checkpointer.set_aside_previous_run()
         dist.barrier()
@@ -87,6 +86,10 @@ class Trainer:
         self.state["wandb_id"] = dist.broadcast_object(self.metrics.run_id)
         self.stop_requested = False
         self._write_run_files(ds)
+
+    @property
+    def resumed_from(self) -> str | None:
+        return self.checkpointer.resumed_from
 
     def _write_run_files(self, ds: dict) -> None:
         if dist.is_main():
@@ -290,7 +293,10 @@ class Trainer:
             on_error=cfg.data.on_error, rank=dist.rank(), world_size=dist.world_size())
         return gather_accuracy(records)
 
-    def _validation_history(self) -> list[dict]:
+    def _validation_history(self) -> list[dict] | None:
+        """For the export's livr.json and card, which rank 0 alone writes (and alone has metrics.jsonl)."""
+        if not dist.is_main():
+            return None
         return validation_history(os.path.join(self.out, "metrics.jsonl"), self.cfg.stage)
 
     def save(self) -> None:
